@@ -1,0 +1,376 @@
+"""LVM's language model: a LLaMA over visual tokens, in plain JAX.
+
+Params are a nested dict of float32 arrays; layers are stacked on a leading axis and run with
+`lax.scan`, so a 32-layer model compiles as fast as a 1-layer one. Sharding is one table of
+logical axis rules (MaxText style) applied to a mesh with axes (data, fsdp, tensor).
+
+    python model.py            # parameter count and FLOPs per token of every LVM size
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from safetensors.numpy import load_file, save_file
+
+
+@dataclass(frozen=True)
+class Config:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    vocab: int = 8292  # 8192 VQGAN codes + 100 special ids
+    max_seq: int = 4096  # 16 images x 256 tokens
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    dtype: str = "float32"  # compute dtype; params stay float32 (bfloat16 on GPU/TPU)
+    remat: bool = False  # recompute each layer's activations in the backward pass
+
+    @property
+    def head_dim(self):
+        return self.hidden // self.heads
+
+
+CONFIGS = {
+    "debug": Config(128, 256, 2, 4),
+    "100m": Config(640, 1664, 22, 10),
+    "300m": Config(1024, 2688, 22, 8),
+    "600m": Config(1536, 4096, 22, 16),
+    "1b": Config(2048, 5504, 22, 16),
+    "3b": Config(3200, 8640, 26, 32),
+    "7b": Config(4096, 11008, 32, 32),
+    "13b": Config(5120, 13824, 40, 40),
+    "20b": Config(6144, 16128, 46, 48),
+    "30b": Config(6656, 17920, 60, 52),
+}
+
+# ---------------------------------------------------------------------------------------------
+# Sharding: every array dim has a logical name; RULES maps names to mesh axes. This reproduces
+# the original EasyLM partitioning: embeddings (tensor, fsdp), q/k/v/gate/up (fsdp, tensor),
+# wo/down (tensor, fsdp), lm_head (fsdp, tensor), norms replicated, batch over (data, fsdp).
+MESH_AXES = ("data", "fsdp", "tensor")
+RULES = {
+    "batch": ("data", "fsdp"),
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "mlp": "tensor",
+}
+PARAM_AXES = {
+    "embed": ("vocab", "embed"),
+    "layers": {
+        "attn_norm": ("layers", None),
+        "wq": ("layers", "embed", "heads"),
+        "wk": ("layers", "embed", "heads"),
+        "wv": ("layers", "embed", "heads"),
+        "wo": ("layers", "heads", "embed"),
+        "mlp_norm": ("layers", None),
+        "w_gate": ("layers", "embed", "mlp"),
+        "w_up": ("layers", "embed", "mlp"),
+        "w_down": ("layers", "mlp", "embed"),
+    },
+    "final_norm": (None,),
+    "lm_head": ("embed", "vocab"),
+}
+
+
+def make_mesh(shape="1,-1,1", devices=None):
+    """Mesh over (data, fsdp, tensor) from a string like '1,-1,1' (-1 takes the rest)."""
+    devices = jax.devices() if devices is None else devices
+    sizes = [int(s) for s in str(shape).split(",")]
+    if len(sizes) != 3 or sizes.count(-1) > 1:
+        raise ValueError(f"mesh {shape!r}: give three sizes data,fsdp,tensor, at most one -1")
+    if -1 in sizes:
+        sizes[sizes.index(-1)] = len(devices) // -math.prod(sizes)
+    if math.prod(sizes) != len(devices):
+        raise ValueError(f"mesh {shape!r} needs {math.prod(sizes)} devices, there are {len(devices)}")
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+
+
+def logical_spec(axes, shape, mesh):
+    """PartitionSpec for an array whose dims have logical names `axes`; a dim that its mesh axes
+    do not divide evenly (vocab 8292 over 8 devices) stays replicated."""
+    spec = []
+    for name, dim in zip(axes, shape):
+        mesh_axes = RULES.get(name)
+        names = (mesh_axes,) if isinstance(mesh_axes, str) else (mesh_axes or ())
+        size = math.prod(mesh.shape[a] for a in names)
+        spec.append(mesh_axes if names and dim % size == 0 else None)
+    return P(*spec)
+
+
+def param_shardings(config, mesh):
+    shapes = jax.eval_shape(partial(init_params, config), jax.random.key(0))
+    return jax.tree.map(lambda axes, s: NamedSharding(mesh, logical_spec(axes, s.shape, mesh)),
+                        PARAM_AXES, shapes, is_leaf=lambda x: isinstance(x, tuple))
+
+
+def constrain(x, axes):
+    """Pin an activation's sharding when running under `jax.set_mesh`; a no-op otherwise."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    return jax.lax.with_sharding_constraint(x, logical_spec(axes, x.shape, mesh))
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters
+
+
+def init_params(config, key):
+    L, D, F, V = config.layers, config.hidden, config.intermediate, config.vocab
+    keys = iter(jax.random.split(key, 9))
+
+    def normal(*shape):
+        return 0.02 * jax.random.normal(next(keys), shape, jnp.float32)
+
+    return {
+        "embed": normal(V, D),
+        "layers": {
+            "attn_norm": jnp.ones((L, D)),
+            "wq": normal(L, D, D),
+            "wk": normal(L, D, D),
+            "wv": normal(L, D, D),
+            "wo": normal(L, D, D),
+            "mlp_norm": jnp.ones((L, D)),
+            "w_gate": normal(L, D, F),
+            "w_up": normal(L, D, F),
+            "w_down": normal(L, F, D),
+        },
+        "final_norm": jnp.ones((D,)),
+        "lm_head": normal(D, V),
+    }
+
+
+def create_params(config, key, mesh):
+    """Random params created directly in their shards: no device ever holds the whole model."""
+    return jax.jit(partial(init_params, config), out_shardings=param_shardings(config, mesh))(key)
+
+
+def count_params(config):
+    shapes = jax.eval_shape(partial(init_params, config), jax.random.key(0))
+    return sum(math.prod(s.shape) for s in jax.tree.leaves(shapes))
+
+
+def flops_per_token(config, seq_len):
+    """Training FLOPs per token: 6 per weight (forward + backward) plus attention scores and
+    values (2 matmuls of seq x head_dim per head, causal half counted in full, as PaLM does)."""
+    return 6 * count_params(config) + 12 * config.layers * config.hidden * seq_len
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+def rms_norm(x, weight, eps):
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return (normed * weight).astype(x.dtype)
+
+
+def rope_tables(positions, config):
+    """cos/sin (seq, head_dim) in Hugging Face's rotate-half layout: the frequencies of the first
+    half of each head are repeated for the second half, so HF weights need no permutation."""
+    dim = config.head_dim
+    inv_freq = 1.0 / config.rope_theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim)
+    angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x, cos, sin):  # x (batch, seq, heads, head_dim); cos, sin (seq, head_dim)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x * cos[:, None].astype(x.dtype) + rotated * sin[:, None].astype(x.dtype))
+
+
+def layer_forward(x, p, cos, sin, config, kv_cache=None, start=0):
+    """One transformer block. x (batch, seq, hidden). With a kv_cache (k, v), each
+    (batch, cache_len, heads, head_dim), the new keys/values are written at `start` and the
+    queries attend to every cached position up to their own."""
+    B, T, D = x.shape
+    H, hd, dt = config.heads, config.head_dim, x.dtype
+    h = rms_norm(x, p["attn_norm"], config.norm_eps)
+    q = (h @ p["wq"].astype(dt)).reshape(B, T, H, hd)
+    k = (h @ p["wk"].astype(dt)).reshape(B, T, H, hd)
+    v = (h @ p["wv"].astype(dt)).reshape(B, T, H, hd)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if kv_cache is None:
+        attn = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    else:
+        k_all = jax.lax.dynamic_update_slice(kv_cache[0], k.astype(kv_cache[0].dtype), (0, start, 0, 0))
+        v_all = jax.lax.dynamic_update_slice(kv_cache[1], v.astype(kv_cache[1].dtype), (0, start, 0, 0))
+        visible = jnp.arange(k_all.shape[1])[None, :] <= start + jnp.arange(T)[:, None]  # (seq, cache_len)
+        attn = jax.nn.dot_product_attention(q, k_all.astype(dt), v_all.astype(dt), mask=visible[None, None])
+        kv_cache = (k_all, v_all)
+    x = x + attn.reshape(B, T, D) @ p["wo"].astype(dt)
+    h = rms_norm(x, p["mlp_norm"], config.norm_eps)
+    gate, up = h @ p["w_gate"].astype(dt), h @ p["w_up"].astype(dt)
+    x = x + (jax.nn.silu(gate) * up) @ p["w_down"].astype(dt)
+    return constrain(x, ("batch", None, None)), kv_cache
+
+
+def check_tokens(tokens, config, max_len):
+    """Clear errors for what would otherwise be silent garbage. Shapes are checked always; values
+    only when concrete (inside jit the caller validates its data on the host)."""
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be (batch, seq), got shape {tokens.shape}")
+    if tokens.shape[1] > max_len:
+        raise ValueError(f"sequence of {tokens.shape[1]} tokens is longer than the {max_len} available")
+    if not isinstance(tokens, jax.core.Tracer):
+        values = np.asarray(tokens)
+        if values.size and (values.min() < 0 or values.max() >= config.vocab):
+            raise ValueError(f"token ids must be in [0, {config.vocab}), got {values.min()}..{values.max()}")
+
+
+def embed(params, tokens, config):
+    return constrain(params["embed"][tokens].astype(config.dtype), ("batch", None, None))
+
+
+def lm_head(params, x, config):
+    x = rms_norm(x, params["final_norm"], config.norm_eps)
+    return (x @ params["lm_head"].astype(x.dtype)).astype(jnp.float32)
+
+
+def forward(params, tokens, config):
+    """tokens int (batch, seq) -> float32 logits (batch, seq, vocab)."""
+    check_tokens(tokens, config, config.max_seq)
+    cos, sin = rope_tables(jnp.arange(tokens.shape[1]), config)
+
+    def block(x, p):
+        return layer_forward(x, p, cos, sin, config)[0], None
+
+    if config.remat:
+        block = jax.checkpoint(block)
+    x, _ = jax.lax.scan(block, embed(params, tokens, config), params["layers"])
+    return lm_head(params, x, config)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference with a fixed-size KV cache: {"k", "v": (layers, batch, cache_len, heads, head_dim),
+# "pos": int32 number of positions filled}. Fixed shapes keep one compiled decode step.
+
+
+def init_cache(config, batch, cache_len):
+    shape = (config.layers, batch, cache_len, config.heads, config.head_dim)
+    return {"k": jnp.zeros(shape, config.dtype), "v": jnp.zeros(shape, config.dtype),
+            "pos": jnp.zeros((), jnp.int32)}
+
+
+def forward_cached(params, tokens, cache, config):
+    """Run tokens (batch, seq) at positions pos..pos+seq of the cache -> (logits, new cache)."""
+    start = cache["pos"]
+    cos, sin = rope_tables(start + jnp.arange(tokens.shape[1]), config)
+
+    def block(x, layer):
+        p, k, v = layer
+        x, kv = layer_forward(x, p, cos, sin, config, (k, v), start)
+        return x, kv
+
+    x, (k, v) = jax.lax.scan(block, embed(params, tokens, config),
+                             (params["layers"], cache["k"], cache["v"]))
+    return lm_head(params, x, config), {"k": k, "v": v, "pos": start + tokens.shape[1]}
+
+
+def prefill(params, tokens, config, cache_len):
+    """Prompt (batch, seq) -> (logits (batch, seq, vocab), cache holding the prompt)."""
+    check_tokens(tokens, config, min(cache_len, config.max_seq))
+    return forward_cached(params, tokens, init_cache(config, tokens.shape[0], cache_len), config)
+
+
+def decode_step(params, token, cache, config):
+    """One new token per row, token (batch,) -> (logits (batch, vocab), cache)."""
+    if not isinstance(cache["pos"], jax.core.Tracer) and int(cache["pos"]) >= cache["k"].shape[2]:
+        raise ValueError(f"KV cache is full ({cache['k'].shape[2]} positions)")
+    logits, cache = forward_cached(params, token[:, None], cache, config)
+    return logits[:, 0], cache
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: a folder with config.json and params.safetensors (flat names like "layers.wq",
+# layers stacked). Shared by train.py, sample.py and convert_hf.py.
+
+
+def flatten(tree, prefix=""):
+    for name, value in tree.items():
+        if isinstance(value, dict):
+            yield from flatten(value, f"{prefix}{name}.")
+        else:
+            yield f"{prefix}{name}", value
+
+
+def to_host(x):
+    """A (possibly multi-host sharded) array as one numpy array."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
+
+
+def replace_dir(tmp, path):
+    """Move a completely written folder into place; an older folder at `path` goes only after."""
+    old = f"{path}.old"
+    if os.path.exists(path):
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(path, old)
+    os.rename(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(path, config, params):
+    path = os.path.abspath(path)
+    tmp = f"{path}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_file({name: to_host(x) for name, x in flatten(params)}, os.path.join(tmp, "params.safetensors"))
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(config), f, indent=2)
+    replace_dir(tmp, path)
+
+
+def load_checkpoint(path):
+    """-> (Config, params as numpy arrays in their stored dtype)."""
+    config_file, weights_file = os.path.join(path, "config.json"), os.path.join(path, "params.safetensors")
+    for f in (config_file, weights_file):
+        if not os.path.isfile(f):
+            raise ValueError(f"{path}: not a checkpoint folder ({os.path.basename(f)} is missing)")
+    try:
+        with open(config_file) as f:
+            config = Config(**json.load(f))
+        flat = load_file(weights_file)
+    except Exception as e:
+        raise ValueError(f"{path}: unreadable checkpoint ({e})") from None
+    expected = dict(flatten(jax.eval_shape(partial(init_params, config), jax.random.key(0))))
+    if set(flat) != set(expected):
+        raise ValueError(f"{path}: tensors {sorted(set(flat) ^ set(expected))} do not match the config")
+    params = {}
+    for name, array in flat.items():
+        if array.shape != expected[name].shape:
+            raise ValueError(f"{path}: {name} has shape {array.shape}, config says {expected[name].shape}")
+        *parents, leaf = name.split(".")
+        node = params
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = array
+    return config, params
+
+
+def main():
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    print(f"{'size':>6} {'hidden':>6} {'layers':>6} {'heads':>5} {'params':>9} {'GFLOP/token@4096':>17}")
+    for name, config in CONFIGS.items():
+        print(f"{name:>6} {config.hidden:>6} {config.layers:>6} {config.heads:>5} "
+              f"{count_params(config) / 1e9:>8.3f}B {flops_per_token(config, 4096) / 1e9:>17.1f}")
+
+
+if __name__ == "__main__":
+    main()
