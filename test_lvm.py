@@ -5,6 +5,7 @@ import os
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -198,3 +199,235 @@ def test_checkpoint_round_trip_and_bad_folders(tmp_path):
     (tmp_path / "ckpt" / "config.json").write_text(__import__("json").dumps(dataclasses.asdict(other)))
     with pytest.raises(ValueError, match="has shape"):
         model.load_checkpoint(tmp_path / "ckpt")
+
+
+# ---------------------------------------------------------------------------------------------
+# vqgan.py
+
+import vqgan
+
+PHOTOS = [os.path.join(HERE, "images", f) for f in ("astronaut.jpg", "cat.jpg", "coffee.jpg", "rocket.jpg")]
+AMUSED_VQ = dict(block_out_channels=(128, 256, 256, 512, 768), down_block_types=("DownEncoderBlock2D",) * 5,
+                 up_block_types=("UpDecoderBlock2D",) * 5, layers_per_block=2, latent_channels=64,
+                 num_vq_embeddings=8192, vq_embed_dim=64, mid_block_add_attention=False)
+ATTENTION_VQ = dict(block_out_channels=(32, 32, 64, 64, 64), layers_per_block=2, latent_channels=16,
+                    down_block_types=("DownEncoderBlock2D",) * 4 + ("AttnDownEncoderBlock2D",),
+                    up_block_types=("AttnUpDecoderBlock2D",) + ("UpDecoderBlock2D",) * 4,
+                    num_vq_embeddings=1024, vq_embed_dim=16, mid_block_add_attention=True)
+
+
+def diffusers_vq(fields, seed=0):
+    """A random diffusers VQModel whose codebook is made of perturbed encoder outputs of the
+    photographs, so that tokens are diverse (a random codebook maps everything to a few codes)."""
+    import diffusers
+    import torch
+    torch.manual_seed(seed)
+    vq = diffusers.VQModel(norm_num_groups=32, lookup_from_codebook=True, **fields).eval()
+    with torch.no_grad():
+        latents = vq.encode(torch_images(PHOTOS)).latents  # (n, dim, 16, 16)
+        vectors = latents.permute(0, 2, 3, 1).reshape(-1, latents.shape[1])
+        pick = torch.randint(0, len(vectors), (vq.quantize.embedding.weight.shape[0],))
+        noise = 0.1 * vectors.std() * torch.randn(len(pick), vectors.shape[1])
+        vq.quantize.embedding.weight.copy_(vectors[pick] + noise)
+    return vq
+
+
+def torch_images(paths):
+    import torch
+    return torch.from_numpy(np.stack([vqgan.load_image(p) for p in paths]).transpose(0, 3, 1, 2).copy())
+
+
+def muse_state_dict(vq):
+    """diffusers VQModel -> open-muse names, spelled out level by level (a second code path to
+    vqgan.py's renaming rules)."""
+    sd, out = vq.state_dict(), {}
+    levels = len(vq.config.block_out_channels)
+
+    def take(muse, diff, linear=False):
+        out[f"{muse}.weight"] = sd[f"{diff}.weight"][:, :, None, None] if linear else sd[f"{diff}.weight"]
+        out[f"{muse}.bias"] = sd[f"{diff}.bias"]
+
+    def resnet(muse, diff):
+        for n in ("norm1", "conv1", "norm2", "conv2"):
+            take(f"{muse}.{n}", f"{diff}.{n}")
+        if f"{diff}.conv_shortcut.weight" in sd:
+            take(f"{muse}.nin_shortcut", f"{diff}.conv_shortcut")
+
+    def attention(muse, diff):
+        take(f"{muse}.norm", f"{diff}.group_norm")
+        for m, d in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("proj_out", "to_out.0")):
+            take(f"{muse}.{m}", f"{diff}.{d}", linear=True)
+
+    for part in ("encoder", "decoder"):
+        take(f"{part}.conv_in", f"{part}.conv_in"), take(f"{part}.conv_out", f"{part}.conv_out")
+        take(f"{part}.norm_out", f"{part}.conv_norm_out")
+        resnet(f"{part}.mid.block_1", f"{part}.mid_block.resnets.0")
+        resnet(f"{part}.mid.block_2", f"{part}.mid_block.resnets.1")
+        if f"{part}.mid_block.attentions.0.to_q.weight" in sd:
+            attention(f"{part}.mid.attn_1", f"{part}.mid_block.attentions.0")
+    for level in range(levels):
+        down, up = f"encoder.down_blocks.{level}", f"decoder.up_blocks.{levels - 1 - level}"
+        for j in range(vq.config.layers_per_block):
+            resnet(f"encoder.down.{level}.block.{j}", f"{down}.resnets.{j}")
+            if f"{down}.attentions.{j}.to_q.weight" in sd:
+                attention(f"encoder.down.{level}.attn.{j}", f"{down}.attentions.{j}")
+        for j in range(vq.config.layers_per_block + 1):
+            resnet(f"decoder.up.{level}.block.{j}", f"{up}.resnets.{j}")
+            if f"{up}.attentions.{j}.to_q.weight" in sd:
+                attention(f"decoder.up.{level}.attn.{j}", f"{up}.attentions.{j}")
+        if level != levels - 1:
+            take(f"encoder.down.{level}.downsample.conv", f"{down}.downsamplers.0.conv")
+        if level != 0:
+            take(f"decoder.up.{level}.upsample.conv", f"{up}.upsamplers.0.conv")
+    for name in ("quant_conv", "post_quant_conv"):
+        take(name, name)
+    out["quantize.embedding.weight"] = sd["quantize.embedding.weight"]
+    return out
+
+
+def write_muse_checkpoint(folder, vq):
+    """The released format: muse config.json + pytorch_model.bin from torch.save(state_dict)."""
+    import torch
+    c = vq.config
+    os.makedirs(folder, exist_ok=True)
+    channels = list(c.block_out_channels)
+    attn = [256 // 2 ** i for i, t in enumerate(c.down_block_types) if t.startswith("Attn")]
+    config = {"_class_name": "VQGANModel", "resolution": 256, "num_channels": 3,
+              "hidden_channels": channels[0], "channel_mult": [ch // channels[0] for ch in channels],
+              "num_res_blocks": c.layers_per_block, "attn_resolutions": attn,
+              "no_attn_mid_block": not c.mid_block_add_attention, "z_channels": c.latent_channels,
+              "num_embeddings": c.num_vq_embeddings, "quantized_embed_dim": c.vq_embed_dim,
+              "dropout": 0.0, "resample_with_conv": True, "commitment_cost": 0.25}
+    with open(os.path.join(folder, "config.json"), "w") as f:
+        __import__("json").dump(config, f)
+    torch.save({k: v.contiguous() for k, v in muse_state_dict(vq).items()}, os.path.join(folder, "pytorch_model.bin"))
+    return folder
+
+
+def check_vqgan_parity(vq, folder):
+    import torch
+    params, config = vqgan.load_vqgan(write_muse_checkpoint(folder, vq))
+    images = np.stack([vqgan.load_image(p) for p in PHOTOS])
+    with torch.no_grad():
+        _, _, (_, _, reference) = vq.quantize(vq.encode(torch_images(PHOTOS)).latents)
+    reference = reference.numpy().reshape(len(PHOTOS), 256)
+    tokens = vqgan.encode(params, config, images)
+    assert len(np.unique(reference)) > 200  # diverse codes, not a degenerate codebook
+    assert np.mean(tokens == reference) >= 0.999
+    with torch.no_grad():
+        dim = vq.config.vq_embed_dim
+        pixels = vq.decode(torch.from_numpy(reference), force_not_quantize=True,
+                           shape=(len(PHOTOS), 16, 16, dim)).sample.clamp(0, 1).numpy()
+    ours = vqgan.decode(params, config, reference)
+    assert ours.shape == (len(PHOTOS), 256, 256, 3)
+    np.testing.assert_allclose(ours, pixels.transpose(0, 2, 3, 1), atol=1e-3, rtol=0)
+
+
+def test_vqgan_released_config_matches_diffusers(tmp_path):
+    check_vqgan_parity(diffusers_vq(AMUSED_VQ), tmp_path / "muse")
+
+
+def test_vqgan_with_attention_matches_diffusers(tmp_path):
+    check_vqgan_parity(diffusers_vq(ATTENTION_VQ), tmp_path / "muse")
+
+
+def test_vqgan_loads_diffusers_folder_like_muse_folder(tmp_path):
+    vq = diffusers_vq(ATTENTION_VQ)
+    vq.save_pretrained(tmp_path / "diffusers")
+    from_diffusers, config_a = vqgan.load_vqgan(tmp_path / "diffusers")
+    from_muse, config_b = vqgan.load_vqgan(write_muse_checkpoint(tmp_path / "muse", vq))
+    assert config_a == config_b and config_a.attn_resolutions == (16,) and not config_a.no_attn_mid_block
+    assert from_diffusers.keys() == from_muse.keys()
+    for name in from_muse:
+        np.testing.assert_array_equal(from_diffusers[name], from_muse[name], err_msg=name)
+
+
+def test_level_attention_runs_only_when_a_level_has_more_than_one_block(tmp_path):
+    """open-muse's rule, checked against a second code path: with one resnet block per down level
+    the encoder's level attention is skipped (same tokens as the model without those blocks),
+    while the decoder's levels (two blocks) do run theirs."""
+    fields = dict(ATTENTION_VQ, layers_per_block=2)
+    params, config = vqgan.load_vqgan(write_muse_checkpoint(tmp_path / "muse", diffusers_vq(fields)))
+    one_block = dataclasses.replace(config, num_res_blocks=1)
+    params_one = {k: v for k, v in params.items()
+                  if not re.search(r"^encoder\.down\.\d+\.(block|attn)\.1\.|^decoder\.up\.\d+\.(block|attn)\.2\.", k)}
+    no_attn = dataclasses.replace(one_block, attn_resolutions=())
+    params_no_attn = {k: v for k, v in params_one.items() if not re.search(r"\.attn\.\d+\.", k)}
+    assert set(params_one) - set(params_no_attn)  # the attention weights are there ...
+    images = np.stack([vqgan.load_image(p) for p in PHOTOS[:2]])
+    z_one = vqgan.encoder(params_one, one_block, images)
+    np.testing.assert_array_equal(z_one, vqgan.encoder(params_no_attn, no_attn, images))  # ... unused
+    z = jnp.zeros((1, 16, 16, config.z_channels)) + jnp.linspace(-1, 1, 16)[:, None, None]
+    out_one = vqgan.decoder(params_one, one_block, z)
+    out_no_attn = vqgan.decoder(params_no_attn, no_attn, z)
+    assert float(jnp.max(jnp.abs(out_one - out_no_attn))) > 1e-3  # decoder levels (2 blocks) attend
+
+
+def test_pytorch_model_bin_loads_without_torch(tmp_path):
+    import subprocess
+    import sys
+    folder = write_muse_checkpoint(tmp_path / "muse", diffusers_vq(ATTENTION_VQ))
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "import vqgan, numpy as np\n"
+            f"params, config = vqgan.load_vqgan({str(folder)!r})\n"
+            "print(len(params), float(np.sum(np.abs(params['quantize.embedding.weight']))))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=HERE, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    params, _ = vqgan.load_vqgan(folder)
+    count, total = result.stdout.split()
+    assert int(count) == len(params)
+    assert float(total) == pytest.approx(float(np.sum(np.abs(params["quantize.embedding.weight"]))))
+
+
+def test_pickle_with_other_globals_is_refused(tmp_path):
+    import pickle
+    import zipfile
+    marker = tmp_path / "hacked"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    with zipfile.ZipFile(folder / "pytorch_model.bin", "w") as z:
+        z.writestr("archive/data.pkl", pickle.dumps({"x": Exploit()}))
+    with pytest.raises(ValueError, match="refusing to load global '(posix|os).system'"):
+        vqgan.load_vqgan(folder)
+    assert not marker.exists()
+
+
+def test_vqgan_bad_checkpoints_give_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="no config.json"):
+        vqgan.load_vqgan(tmp_path / "missing")
+    folder = write_muse_checkpoint(tmp_path / "muse", diffusers_vq(ATTENTION_VQ))
+    data = (folder / "pytorch_model.bin").read_bytes()
+    (folder / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="unreadable checkpoint"):
+        vqgan.load_vqgan(folder)
+    folder = write_muse_checkpoint(tmp_path / "muse2", diffusers_vq(ATTENTION_VQ))
+    config = __import__("json").loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(__import__("json").dumps(dict(config, z_channels=32)))
+    with pytest.raises(ValueError, match="has shape"):
+        vqgan.load_vqgan(folder)
+
+
+def test_load_image_conversions_and_errors(tmp_path):
+    from PIL import Image
+    photo = Image.open(PHOTOS[1])
+    expected = np.asarray(photo.convert("RGB").resize((256, 256)), np.float32) / 255
+    np.testing.assert_array_equal(vqgan.load_image(PHOTOS[1]), expected)
+    gray = np.asarray(photo.convert("L"))
+    Image.fromarray(gray).save(tmp_path / "gray.png")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(tmp_path / "gray16.png")
+    photo.convert("RGBA").save(tmp_path / "rgba.png")
+    g8, g16 = vqgan.load_image(tmp_path / "gray.png"), vqgan.load_image(tmp_path / "gray16.png")
+    assert g8.shape == g16.shape == (256, 256, 3) and np.all(g8[..., 0] == g8[..., 2])
+    np.testing.assert_allclose(g16, g8, atol=1.5 / 255)
+    np.testing.assert_array_equal(vqgan.load_image(tmp_path / "rgba.png"), expected)
+    (tmp_path / "notes.txt").write_text("not an image")
+    with pytest.raises(ValueError, match="notes.txt: not a readable image"):
+        vqgan.load_image(tmp_path / "notes.txt")
+    with pytest.raises(ValueError, match="images must be"):
+        vqgan.encode({}, vqgan.VQConfig(), np.zeros((1, 128, 128, 3)))

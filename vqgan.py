@@ -1,0 +1,426 @@
+"""LVM's image tokenizer: the open-muse taming-style VQGAN in JAX (image <-> 16x16 = 256 tokens).
+
+Loads the released checkpoint (a folder with config.json and pytorch_model.bin, no torch needed,
+no pickle code run) or the same VQGAN in diffusers `VQModel` layout (aMUSEd's vqvae folder).
+Arrays are channels-last inside: images (N, 256, 256, 3) float32 in [0, 1].
+
+    python vqgan.py --vqgan DIR IMAGE... --out DIR    # reconstructions beside the originals
+"""
+import argparse
+import collections
+import dataclasses
+import json
+import os
+import pickle
+import re
+import time
+import zipfile
+from dataclasses import dataclass
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+from safetensors.numpy import load_file
+from tqdm import tqdm
+
+IMAGE_SIZE = 256
+
+
+@dataclass(frozen=True)
+class VQConfig:
+    """The open-muse VQGANModel fields; defaults are the released LVM tokenizer."""
+    resolution: int = 256
+    num_channels: int = 3
+    hidden_channels: int = 128
+    channel_mult: tuple = (1, 2, 2, 4, 6)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple = ()
+    no_attn_mid_block: bool = True
+    z_channels: int = 64
+    num_embeddings: int = 8192
+    quantized_embed_dim: int = 64
+    dropout: float = 0.0
+    resample_with_conv: bool = True
+    commitment_cost: float = 0.25
+
+    @property
+    def levels(self):
+        return len(self.channel_mult)
+
+    def level_attends(self, level, blocks):
+        """open-muse's quirk: a level's attention blocks run only if it has more than one."""
+        return self.resolution // 2 ** level in self.attn_resolutions and blocks > 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The network. Params are a flat dict keyed by the checkpoint's own names (muse layout); convs
+# are HWIO (kh, kw, in, out), so every line below can be matched with the PyTorch source.
+
+
+def conv(p, name, x, stride=1, padding="SAME"):
+    y = jax.lax.conv_general_dilated(x, p[f"{name}.weight"], (stride, stride), padding,
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y + p[f"{name}.bias"]
+
+
+def group_norm(p, name, x, groups=32, eps=1e-6):  # x (batch, h, w, channels)
+    B, H, W, C = x.shape
+    g = x.reshape(B, H, W, groups, C // groups)
+    mean = g.mean(axis=(1, 2, 4), keepdims=True)
+    var = jnp.mean(jnp.square(g - mean), axis=(1, 2, 4), keepdims=True)
+    g = (g - mean) * jax.lax.rsqrt(var + eps)
+    return g.reshape(B, H, W, C) * p[f"{name}.weight"] + p[f"{name}.bias"]
+
+
+def resnet_block(p, name, x):
+    h = conv(p, f"{name}.conv1", jax.nn.silu(group_norm(p, f"{name}.norm1", x)))
+    h = conv(p, f"{name}.conv2", jax.nn.silu(group_norm(p, f"{name}.norm2", h)))
+    if f"{name}.nin_shortcut.weight" in p:
+        x = conv(p, f"{name}.nin_shortcut", x)
+    return x + h
+
+
+def attn_block(p, name, x):
+    """Single-head self-attention over all h*w positions, 1x1 convs for q, k, v, proj_out."""
+    B, H, W, C = x.shape
+    h = group_norm(p, f"{name}.norm", x)
+    q, k, v = (conv(p, f"{name}.{n}", h).reshape(B, H * W, 1, C) for n in "qkv")
+    out = jax.nn.dot_product_attention(q, k, v).reshape(B, H, W, C)  # scale 1/sqrt(C)
+    return x + conv(p, f"{name}.proj_out", out)
+
+
+def mid_block(p, config, name, x):
+    x = resnet_block(p, f"{name}.block_1", x)
+    if not config.no_attn_mid_block:
+        x = attn_block(p, f"{name}.attn_1", x)
+    return resnet_block(p, f"{name}.block_2", x)
+
+
+def encoder(p, config, x):
+    h = conv(p, "encoder.conv_in", x)
+    for level in range(config.levels):
+        attends = config.level_attends(level, config.num_res_blocks)
+        for j in range(config.num_res_blocks):
+            h = resnet_block(p, f"encoder.down.{level}.block.{j}", h)
+            if attends:
+                h = attn_block(p, f"encoder.down.{level}.attn.{j}", h)
+        if level != config.levels - 1:  # pad right/bottom by one, 3x3 stride-2 conv, no padding
+            h = jnp.pad(h, ((0, 0), (0, 1), (0, 1), (0, 0)))
+            h = conv(p, f"encoder.down.{level}.downsample.conv", h, stride=2, padding="VALID")
+    h = mid_block(p, config, "encoder.mid", h)
+    return conv(p, "encoder.conv_out", jax.nn.silu(group_norm(p, "encoder.norm_out", h)))
+
+
+def decoder(p, config, z):
+    h = mid_block(p, config, "decoder.mid", conv(p, "decoder.conv_in", z))
+    for level in reversed(range(config.levels)):
+        attends = config.level_attends(level, config.num_res_blocks + 1)
+        for j in range(config.num_res_blocks + 1):
+            h = resnet_block(p, f"decoder.up.{level}.block.{j}", h)
+            if attends:
+                h = attn_block(p, f"decoder.up.{level}.attn.{j}", h)
+        if level != 0:  # nearest x2, then a 3x3 conv
+            h = conv(p, f"decoder.up.{level}.upsample.conv", jnp.repeat(jnp.repeat(h, 2, 1), 2, 2))
+    return conv(p, "decoder.conv_out", jax.nn.silu(group_norm(p, "decoder.norm_out", h)))
+
+
+@partial(jax.jit, static_argnums=1)
+def encode_batch(params, config, images):
+    """(batch, 256, 256, 3) in [0, 1] -> int32 (batch, 256): nearest codebook entry by squared
+    euclidean distance, first index on ties (argmin)."""
+    z = conv(params, "quant_conv", encoder(params, config, images))  # (batch, 16, 16, dim)
+    z = z.reshape(z.shape[0], -1, z.shape[-1])
+    codebook = params["quantize.embedding.weight"]  # (codes, dim)
+    distances = (jnp.sum(z * z, -1, keepdims=True) + jnp.sum(codebook * codebook, -1)
+                 - 2 * z @ codebook.T)
+    return jnp.argmin(distances, axis=-1).astype(jnp.int32)
+
+
+@partial(jax.jit, static_argnums=1)
+def decode_batch(params, config, tokens):
+    """int (batch, 256) -> float32 (batch, 256, 256, 3) clipped to [0, 1]."""
+    side = int(round(tokens.shape[1] ** 0.5))
+    z = params["quantize.embedding.weight"][tokens].reshape(tokens.shape[0], side, side, -1)
+    return jnp.clip(decoder(params, config, conv(params, "post_quant_conv", z)), 0.0, 1.0)
+
+
+def batched(fn, params, config, inputs, batch_size):
+    """Run a jitted batch function over any number of inputs in fixed-size chunks (one compile,
+    memory of one chunk); the last chunk is padded."""
+    inputs = np.asarray(inputs)
+    if len(inputs) == 0:
+        raise ValueError("no inputs")
+    size = min(batch_size, len(inputs))
+    outputs = []
+    for start in range(0, len(inputs), size):
+        chunk = inputs[start:start + size]
+        padded = np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), 0)])
+        outputs.append(np.asarray(fn(params, config, padded))[:len(chunk)])
+    return np.concatenate(outputs)
+
+
+def encode(params, config, images, batch_size=8):
+    """float32 (N, 256, 256, 3) in [0, 1] -> int32 (N, 256)."""
+    images = np.asarray(images, np.float32)
+    if images.shape[1:] != (IMAGE_SIZE, IMAGE_SIZE, 3):
+        raise ValueError(f"images must be (N, {IMAGE_SIZE}, {IMAGE_SIZE}, 3), got {images.shape}")
+    return batched(encode_batch, params, config, images, batch_size)
+
+
+def decode(params, config, tokens, batch_size=8):
+    """int (N, 256) -> float32 (N, 256, 256, 3) in [0, 1]."""
+    tokens = np.asarray(tokens, np.int32)
+    if tokens.ndim != 2 or tokens.size and (tokens.min() < 0 or tokens.max() >= config.num_embeddings):
+        raise ValueError(f"tokens must be (N, 256) ids in [0, {config.num_embeddings})")
+    return batched(decode_batch, params, config, tokens, batch_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+
+
+def load_image(path):
+    """The original preprocessing: RGB, PIL resize to 256x256, /255 -> float32 (256, 256, 3).
+    16-bit and 32-bit images are scaled to 8 bits first (PIL would clip them to 255)."""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+                pixels = np.asarray(img, np.float64)
+                top = 65535.0 if img.mode != "F" else max(float(pixels.max()), 1.0)
+                img = Image.fromarray(np.clip(pixels / top * 255 + 0.5, 0, 255).astype(np.uint8))
+            img = img.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE))
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
+    return np.asarray(img, np.float32) / 255.0
+
+
+def save_image(path, pixels):
+    """float (h, w, 3) in [0, 1] -> PNG, written under a temporary name and renamed."""
+    tmp = f"{path}.tmp.png"
+    Image.fromarray(np.round(np.clip(pixels, 0, 1) * 255).astype(np.uint8)).save(tmp)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+TORCH_STORAGES = {"FloatStorage": np.float32, "HalfStorage": np.float16, "DoubleStorage": np.float64,
+                  "BFloat16Storage": jnp.bfloat16, "LongStorage": np.int64, "IntStorage": np.int32}
+
+
+def rebuild_tensor(storage, offset, size, stride, *unused):
+    itemsize = storage.itemsize
+    return np.lib.stride_tricks.as_strided(storage[offset:], tuple(size),
+                                           tuple(s * itemsize for s in stride)).copy()
+
+
+class StateDictUnpickler(pickle.Unpickler):
+    """Reads a `torch.save(state_dict)` zip without torch. Only the globals a plain state dict
+    names are allowed: a pickle from the internet can otherwise run any code."""
+
+    def __init__(self, file, archive, prefix):
+        super().__init__(file)
+        self.archive, self.prefix, self.storages = archive, prefix, {}
+
+    def find_class(self, module, name):
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        if (module, name) in {("torch._utils", "_rebuild_tensor_v2"), ("torch._utils", "_rebuild_tensor")}:
+            return rebuild_tensor
+        if module == "torch" and name in TORCH_STORAGES:
+            return name
+        raise pickle.UnpicklingError(f"refusing to load global '{module}.{name}': not part of a plain state dict")
+
+    def persistent_load(self, pid):
+        kind, storage_type, key, _location, _numel = pid
+        if kind != "storage" or storage_type not in TORCH_STORAGES:
+            raise pickle.UnpicklingError(f"unsupported storage {pid!r}")
+        if key not in self.storages:
+            data = self.archive.read(f"{self.prefix}/data/{key}")
+            self.storages[key] = np.frombuffer(data, TORCH_STORAGES[storage_type])
+        return self.storages[key]
+
+
+def read_torch_state_dict(path):
+    with zipfile.ZipFile(path) as archive:
+        pickles = [n for n in archive.namelist() if n.endswith("/data.pkl")]
+        if not pickles:
+            raise ValueError("no data.pkl inside (not a torch.save zip file)")
+        prefix = pickles[0][: -len("/data.pkl")]
+        with archive.open(pickles[0]) as f:
+            state = StateDictUnpickler(f, archive, prefix).load()
+    if not isinstance(state, dict):
+        raise ValueError("the pickle holds no state dict")
+    return dict(state)
+
+
+def diffusers_to_muse(config_dict, state):
+    """aMUSEd / diffusers `VQModel` -> (muse config fields, muse state dict names)."""
+    channels = list(config_dict["block_out_channels"])
+    levels = len(channels)
+    down_attn = [t.startswith("Attn") for t in config_dict.get("down_block_types", [])]
+    up_attn = [t.startswith("Attn") for t in reversed(config_dict.get("up_block_types", []))]
+    if down_attn != up_attn or (any(down_attn) and config_dict.get("layers_per_block", 1) < 2):
+        raise ValueError("this VQModel's attention blocks have no open-muse equivalent")
+    attn = tuple(256 // 2 ** i for i, a in enumerate(down_attn) if a)
+    fields = {"hidden_channels": channels[0], "channel_mult": tuple(c // channels[0] for c in channels),
+              "num_res_blocks": config_dict.get("layers_per_block", 1), "attn_resolutions": attn,
+              "no_attn_mid_block": not config_dict.get("mid_block_add_attention", True),
+              "z_channels": config_dict.get("latent_channels", 3),
+              "num_embeddings": config_dict.get("num_vq_embeddings", 256),
+              "quantized_embed_dim": config_dict.get("vq_embed_dim") or config_dict.get("latent_channels", 3)}
+    renames = [
+        (r"down_blocks\.(\d+)\.resnets\.", r"down.\1.block."),
+        (r"down_blocks\.(\d+)\.attentions\.", r"down.\1.attn."),
+        (r"down_blocks\.(\d+)\.downsamplers\.0\.", r"down.\1.downsample."),
+        (r"up_blocks\.(\d+)\.upsamplers\.0\.", r"up.\1.upsample."),
+        (r"up_blocks\.(\d+)\.resnets\.", r"up.\1.block."),
+        (r"up_blocks\.(\d+)\.attentions\.", r"up.\1.attn."),
+        (r"mid_block\.resnets\.0\.", "mid.block_1."), (r"mid_block\.resnets\.1\.", "mid.block_2."),
+        (r"mid_block\.attentions\.0\.", "mid.attn_1."), (r"conv_shortcut", "nin_shortcut"),
+        (r"conv_norm_out", "norm_out"), (r"group_norm", "norm"), (r"to_q", "q"), (r"to_k", "k"),
+        (r"to_v", "v"), (r"to_out\.0", "proj_out"),
+    ]
+    muse = {}
+    for name, array in state.items():
+        for pattern, replacement in renames:
+            name = re.sub(pattern, replacement, name)
+        # diffusers numbers decoder levels deepest first, muse by resolution
+        name = re.sub(r"^decoder\.up\.(\d+)\.", lambda m: f"decoder.up.{levels - 1 - int(m[1])}.", name)
+        if re.search(r"\.(q|k|v|proj_out)\.weight$", name) and array.ndim == 2:  # Linear -> 1x1 conv
+            array = array[:, :, None, None]
+        muse[name] = array
+    return fields, muse
+
+
+def expected_shapes(config):
+    """Every tensor the muse VQGAN of this config has, with its PyTorch shape."""
+    shapes = {}
+
+    def add_conv(name, cin, cout, k=3):
+        shapes[f"{name}.weight"], shapes[f"{name}.bias"] = (cout, cin, k, k), (cout,)
+
+    def add_norm(name, c):
+        shapes[f"{name}.weight"] = shapes[f"{name}.bias"] = (c,)
+
+    def add_resnet(name, cin, cout):
+        add_norm(f"{name}.norm1", cin), add_conv(f"{name}.conv1", cin, cout)
+        add_norm(f"{name}.norm2", cout), add_conv(f"{name}.conv2", cout, cout)
+        if cin != cout:
+            add_conv(f"{name}.nin_shortcut", cin, cout, 1)
+
+    def add_attn(name, c):
+        add_norm(f"{name}.norm", c)
+        for n in ("q", "k", "v", "proj_out"):
+            add_conv(f"{name}.{n}", c, c, 1)
+
+    def add_mid(name, c):
+        add_resnet(f"{name}.block_1", c, c), add_resnet(f"{name}.block_2", c, c)
+        if not config.no_attn_mid_block:
+            add_attn(f"{name}.attn_1", c)
+
+    ch = [config.hidden_channels * m for m in config.channel_mult]
+    add_conv("encoder.conv_in", config.num_channels, config.hidden_channels)
+    for level in range(config.levels):
+        cin = config.hidden_channels if level == 0 else ch[level - 1]
+        for j in range(config.num_res_blocks):
+            add_resnet(f"encoder.down.{level}.block.{j}", cin if j == 0 else ch[level], ch[level])
+            if config.resolution // 2 ** level in config.attn_resolutions:
+                add_attn(f"encoder.down.{level}.attn.{j}", ch[level])
+        if level != config.levels - 1:
+            add_conv(f"encoder.down.{level}.downsample.conv", ch[level], ch[level])
+    add_mid("encoder.mid", ch[-1])
+    add_norm("encoder.norm_out", ch[-1]), add_conv("encoder.conv_out", ch[-1], config.z_channels)
+    add_conv("quant_conv", config.z_channels, config.quantized_embed_dim, 1)
+    shapes["quantize.embedding.weight"] = (config.num_embeddings, config.quantized_embed_dim)
+    add_conv("post_quant_conv", config.quantized_embed_dim, config.z_channels, 1)
+    add_conv("decoder.conv_in", config.z_channels, ch[-1])
+    add_mid("decoder.mid", ch[-1])
+    for level in range(config.levels):
+        cin = ch[min(level + 1, config.levels - 1)]
+        for j in range(config.num_res_blocks + 1):
+            add_resnet(f"decoder.up.{level}.block.{j}", cin if j == 0 else ch[level], ch[level])
+            if config.resolution // 2 ** level in config.attn_resolutions:
+                add_attn(f"decoder.up.{level}.attn.{j}", ch[level])
+        if level != 0:
+            add_conv(f"decoder.up.{level}.upsample.conv", ch[level], ch[level])
+    add_norm("decoder.norm_out", ch[0]), add_conv("decoder.conv_out", ch[0], config.num_channels)
+    return shapes
+
+
+def load_vqgan(path):
+    """-> (params, VQConfig) from a muse folder (config.json + pytorch_model.bin or *.safetensors)
+    or a diffusers VQModel folder."""
+    path = str(path)
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise ValueError(f"{path}: no config.json (expected a VQGAN checkpoint folder)")
+    safetensors = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
+    weights_file = os.path.join(path, safetensors[0] if safetensors else "pytorch_model.bin")
+    if not os.path.isfile(weights_file):
+        raise ValueError(f"{path}: no pytorch_model.bin or *.safetensors weights")
+    try:
+        with open(config_file) as f:
+            config_dict = json.load(f)
+        state = load_file(weights_file) if safetensors else read_torch_state_dict(weights_file)
+    except (OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, json.JSONDecodeError) as e:
+        raise ValueError(f"{weights_file}: unreadable checkpoint ({e})") from None
+    if "block_out_channels" in config_dict:
+        fields, state = diffusers_to_muse(config_dict, state)
+    else:
+        known = {f.name for f in dataclasses.fields(VQConfig)}
+        unsupported = [k for k in ("decoder_res_blocks", "extra_mid_res_blocks", "decoder_hidden_channels",
+                                   "decoder_channel_mult") if config_dict.get(k) is not None]
+        if unsupported:
+            raise ValueError(f"{config_file}: unsupported VQGAN options {unsupported}")
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in config_dict.items() if k in known}
+    config = VQConfig(**fields)
+    expected = expected_shapes(config)
+    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or extra:
+        raise ValueError(f"{weights_file}: weights do not match config.json "
+                         f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]})")
+    params = {}
+    for name, shape in expected.items():
+        array = np.asarray(state[name], np.float32)
+        if array.shape != shape:
+            raise ValueError(f"{weights_file}: {name} has shape {array.shape}, config.json implies {shape}")
+        params[name] = jnp.asarray(array.transpose(2, 3, 1, 0) if array.ndim == 4 else array)
+    return params, config
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("images", nargs="+", help="image files")
+    parser.add_argument("--vqgan", required=True, help="VQGAN checkpoint folder")
+    parser.add_argument("--out", required=True, help="folder for original|reconstruction PNGs")
+    parser.add_argument("--batch_size", type=int, default=8)
+    args = parser.parse_args()
+    try:
+        params, config = load_vqgan(args.vqgan)
+        images = np.stack([load_image(p) for p in args.images])
+    except ValueError as e:
+        parser.exit(1, f"error: {e}\n")
+    os.makedirs(args.out, exist_ok=True)
+    encode(params, config, images[:1]), decode(params, config, np.zeros((1, 256), np.int32))  # compile
+    start = time.perf_counter()
+    recons, bar = [], tqdm(range(0, len(images), args.batch_size), unit="batch")
+    for i in bar:
+        recons.append(decode(params, config, encode(params, config, images[i:i + args.batch_size])))
+        bar.set_postfix(images_per_s=f"{(i + len(recons[-1])) / (time.perf_counter() - start):.2f}")
+    recons = np.concatenate(recons)
+    seconds = time.perf_counter() - start
+    for path, image, recon in zip(args.images, images, recons):
+        name = os.path.splitext(os.path.basename(path))[0]
+        save_image(os.path.join(args.out, f"{name}.png"), np.concatenate([image, recon], axis=1))
+    psnr = np.mean([-10 * np.log10(np.mean((a - b) ** 2) + 1e-12) for a, b in zip(images, recons)])
+    print(f"{len(images)} images in {seconds:.2f}s: {len(images) / seconds:.2f} images/s "
+          f"(encode + decode), mean PSNR {psnr:.2f} dB, written to {args.out}")
+
+
+if __name__ == "__main__":
+    main()
