@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import struct
 from dataclasses import dataclass
 from functools import partial
 
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load_file
 
 
 @dataclass(frozen=True)
@@ -326,12 +327,39 @@ def replace_dir(tmp, path):
     shutil.rmtree(old, ignore_errors=True)
 
 
+SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", np.dtype(jnp.bfloat16): "BF16", np.dtype(np.float16): "F16"}
+
+
+def write_safetensors(path, entries, metadata=None):
+    """Write a .safetensors file one tensor at a time. entries: (name, shape, dtype, make) with
+    make() -> the array; only one tensor is in memory at once (safetensors' own save_file first
+    serialises every tensor to bytes, which would double the memory of a 7B conversion)."""
+    header, offset = {}, 0
+    for name, shape, dtype, _ in entries:
+        size = math.prod(shape) * np.dtype(dtype).itemsize
+        header[name] = {"dtype": SAFETENSORS_DTYPES[np.dtype(dtype)], "shape": list(shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    if metadata:
+        header["__metadata__"] = metadata
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the format aligns the data to 8 bytes
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(encoded)) + encoded)
+        for name, shape, dtype, make in entries:
+            array = np.ascontiguousarray(make(), dtype=dtype)
+            if array.shape != tuple(shape):
+                raise ValueError(f"{name}: made shape {array.shape}, expected {tuple(shape)}")
+            f.write(array.reshape(-1).view(np.uint8).data)  # bytes view: numpy cannot export bf16
+
+
 def save_checkpoint(path, config, params):
     path = os.path.abspath(path)
     tmp = f"{path}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    save_file({name: to_host(x) for name, x in flatten(params)}, os.path.join(tmp, "params.safetensors"))
+    entries = [(name, x.shape, x.dtype, partial(to_host, x)) for name, x in flatten(params)]
+    write_safetensors(os.path.join(tmp, "params.safetensors"), entries)
     with open(os.path.join(tmp, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(config), f, indent=2)
     replace_dir(tmp, path)

@@ -431,3 +431,77 @@ def test_load_image_conversions_and_errors(tmp_path):
         vqgan.load_image(tmp_path / "notes.txt")
     with pytest.raises(ValueError, match="images must be"):
         vqgan.encode({}, vqgan.VQConfig(), np.zeros((1, 128, 128, 3)))
+
+
+# ---------------------------------------------------------------------------------------------
+# convert_hf.py
+
+import convert_hf
+
+
+def test_from_hf_single_and_sharded_gives_transformers_logits(tmp_path):
+    hf = hf_llama(DEBUG, seed=1)
+    tokens = random_tokens(7, 2, 50)
+    reference = hf_logits(hf, tokens)
+    hf.save_pretrained(tmp_path / "single")
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="1MB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    for folder in ("single", "sharded"):
+        convert_hf.main(["from-hf", str(tmp_path / folder), str(tmp_path / f"ours_{folder}")])
+        config, params = model.load_checkpoint(tmp_path / f"ours_{folder}")
+        assert config == DEBUG
+        np.testing.assert_allclose(np.asarray(model.forward(params, tokens, config)), reference, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("shard_size", ["5GB", "1MB"])
+def test_to_hf_loads_in_transformers_with_our_logits(tmp_path, shard_size):
+    import torch
+    import transformers
+    params = randomize_norms(model.init_params(DEBUG, jax.random.key(8)))
+    model.save_checkpoint(tmp_path / "ours", DEBUG, params)
+    convert_hf.main(["to-hf", str(tmp_path / "ours"), str(tmp_path / "hf"), "--dtype", "float32",
+                     "--shard_size", shard_size])
+    assert (tmp_path / "hf" / "model.safetensors.index.json").exists() == (shard_size == "1MB")
+    hf = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager",
+                                                       dtype=torch.float32)
+    tokens = random_tokens(8, 2, 50)
+    np.testing.assert_allclose(hf_logits(hf, tokens), np.asarray(model.forward(params, tokens, DEBUG)),
+                               atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_hf_round_trip_is_bit_exact(tmp_path, dtype):
+    import torch
+    from safetensors.torch import load_file as load_torch
+    hf = hf_llama(DEBUG, seed=2).to(getattr(torch, dtype))
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="1MB")
+    convert_hf.main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "ours")])
+    convert_hf.main(["to-hf", str(tmp_path / "ours"), str(tmp_path / "back"), "--dtype", dtype, "--shard_size", "1MB"])
+    original, back = {}, {}
+    for folder, tensors in ((tmp_path / "hf", original), (tmp_path / "back", back)):
+        for shard in folder.glob("*.safetensors"):
+            tensors.update(load_torch(shard))
+    assert original.keys() == back.keys()
+    for name in original:
+        assert original[name].dtype == back[name].dtype == getattr(torch, dtype)
+        assert torch.equal(original[name].view(torch.int16 if dtype == "bfloat16" else torch.int32),
+                           back[name].view(torch.int16 if dtype == "bfloat16" else torch.int32)), name
+
+
+def test_convert_refuses_configs_it_cannot_represent(tmp_path, capsys):
+    import json
+    hf = hf_llama(DEBUG)
+    hf.save_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    for change, message in [({"model_type": "mistral"}, "not 'llama'"),
+                            ({"vocab_size": 32000}, "vocab_size 32000 is not LVM's 8292"),
+                            ({"num_key_value_heads": 2}, "grouped-query attention"),
+                            ({"num_attention_heads": 3, "num_key_value_heads": 3, "head_dim": None}, "3 heads do not divide")]:
+        (tmp_path / "hf" / "config.json").write_text(json.dumps(dict(config, **change)))
+        with pytest.raises(SystemExit):
+            convert_hf.main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "out")])
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit):
+        convert_hf.main(["to-hf", str(tmp_path / "nothing"), str(tmp_path / "out")])
+    assert "not a model.py checkpoint" in capsys.readouterr().err
