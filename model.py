@@ -85,16 +85,19 @@ PARAM_AXES = {
 
 
 def make_mesh(shape="1,-1,1", devices=None):
-    """Mesh over (data, fsdp, tensor) from a string like '1,-1,1' (-1 takes the rest)."""
+    """Mesh over (data, fsdp, tensor) from a string like '1,-1,1' (-1 takes the rest; without
+    a -1 the first data*fsdp*tensor devices are used)."""
     devices = jax.devices() if devices is None else devices
     sizes = [int(s) for s in str(shape).split(",")]
     if len(sizes) != 3 or sizes.count(-1) > 1:
         raise ValueError(f"mesh {shape!r}: give three sizes data,fsdp,tensor, at most one -1")
-    if -1 in sizes:
+    takes_rest = -1 in sizes
+    if takes_rest:
         sizes[sizes.index(-1)] = len(devices) // -math.prod(sizes)
-    if math.prod(sizes) != len(devices):
+    if math.prod(sizes) > len(devices) or takes_rest and math.prod(sizes) != len(devices):
         raise ValueError(f"mesh {shape!r} needs {math.prod(sizes)} devices, there are {len(devices)}")
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3,
+                         devices=devices[:math.prod(sizes)])
 
 
 def logical_spec(axes, shape, mesh):
@@ -327,7 +330,8 @@ def replace_dir(tmp, path):
     shutil.rmtree(old, ignore_errors=True)
 
 
-SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", np.dtype(jnp.bfloat16): "BF16", np.dtype(np.float16): "F16"}
+SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", np.dtype(jnp.bfloat16): "BF16", np.dtype(np.float16): "F16",
+                      np.dtype(np.int32): "I32"}
 
 
 def write_safetensors(path, entries, metadata=None):
@@ -347,7 +351,7 @@ def write_safetensors(path, entries, metadata=None):
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(encoded)) + encoded)
         for name, shape, dtype, make in entries:
-            array = np.ascontiguousarray(make(), dtype=dtype)
+            array = np.array(make(), dtype=dtype, order="C", copy=None)
             if array.shape != tuple(shape):
                 raise ValueError(f"{name}: made shape {array.shape}, expected {tuple(shape)}")
             f.write(array.reshape(-1).view(np.uint8).data)  # bytes view: numpy cannot export bf16

@@ -505,3 +505,129 @@ def test_convert_refuses_configs_it_cannot_represent(tmp_path, capsys):
     with pytest.raises(SystemExit):
         convert_hf.main(["to-hf", str(tmp_path / "nothing"), str(tmp_path / "out")])
     assert "not a model.py checkpoint" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# train.py
+
+import base64
+import json
+
+import optax
+import train
+
+
+def write_jsonl(path, sentences):
+    with open(path, "w") as f:
+        for tokens in sentences:
+            f.write(json.dumps({"tokens": base64.b64encode(np.asarray(tokens, "<i4").tobytes()).decode()}) + "\n")
+    return str(path)
+
+
+def copy_corpus(path, lines=400, seed=0):
+    """Sentences [a, a, b, b] of 32-token 'images' over 64 ids: half the tokens are copies, so a
+    model that learns to copy reaches ln(64)/2 = 2.08, one that does not stays at ln(64) = 4.16."""
+    rng = np.random.default_rng(seed)
+    sentences = []
+    for _ in range(lines):
+        a, b = rng.integers(0, 64, 32), rng.integers(0, 64, 32)
+        sentences.append(np.concatenate([a, a, b, b]))
+    return write_jsonl(path, sentences)
+
+
+def train_args(data, out, *extra):
+    return ["--size", "debug", "--data", data, "--out", str(out), "--batch_size", "8", "--accum", "1",
+            "--seq_len", "64", "--warmup", "5", "--decay_steps", "40", "--lr", "3e-3", "--end_lr", "3e-4",
+            "--dtype", "float32", "--no-remat", "--log_every", "1", *extra]
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+
+
+def test_debug_model_learns_to_copy(tmp_path):
+    data = copy_corpus(tmp_path / "copy.jsonl")
+    train.main(train_args(data, tmp_path / "run", "--steps", "300", "--seq_len", "128", "--decay_steps", "300",
+                          "--warmup", "20", "--log_every", "20", "--save_every", "1000"))
+    losses = [m["loss"] for m in read_metrics(tmp_path / "run")]
+    assert losses[0] > 4.0 and losses[-1] < 3.0, losses  # ln(8192) = 9.01, no copying = 4.16
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+    # plain SGD with lr 1 makes the update the averaged gradient itself (Adam's first step is
+    # about sign(gradient), which would hide or exaggerate differences)
+    optimizer = optax.sgd(1.0)
+    step = jax.jit(train.make_train_step(DEBUG, optimizer))
+    params = model.init_params(DEBUG, jax.random.key(9))
+    opt_state = optimizer.init(params)
+    inputs, targets = random_tokens(9, 8, 33)[:, :-1], random_tokens(9, 8, 33)[:, 1:]
+    big, _, big_metrics = step(params, opt_state, inputs[None], targets[None])
+    small, _, small_metrics = step(params, opt_state, inputs.reshape(4, 2, 32), targets.reshape(4, 2, 32))
+    np.testing.assert_allclose(small_metrics["loss"], big_metrics["loss"], rtol=1e-6)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0), small, big)
+    assert float(jnp.max(jnp.abs(big["lm_head"] - params["lm_head"]))) > 1e-4  # it did update
+
+
+def test_sharded_training_follows_single_device(tmp_path):
+    data = copy_corpus(tmp_path / "copy.jsonl", lines=100)
+    curves = {}
+    for mesh in ["1,1,1", "1,8,1", "2,2,2"]:
+        train.main(train_args(data, tmp_path / mesh, "--steps", "20", "--save_every", "100", "--mesh", mesh))
+        curves[mesh] = np.array([m["loss"] for m in read_metrics(tmp_path / mesh)])
+    assert len(curves["1,1,1"]) == 20 and curves["1,1,1"][-1] < curves["1,1,1"][0]
+    np.testing.assert_allclose(curves["1,8,1"], curves["1,1,1"], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(curves["2,2,2"], curves["1,1,1"], atol=1e-4, rtol=0)
+
+
+def test_resume_gives_exactly_the_uninterrupted_run(tmp_path, monkeypatch):
+    data = copy_corpus(tmp_path / "copy.jsonl", lines=30)  # 30 lines of 128: wraps around the file
+    train.main(train_args(data, tmp_path / "whole", "--steps", "8", "--save_every", "4"))
+    train.main(train_args(data, tmp_path / "parts", "--steps", "4", "--save_every", "4"))
+    # a checkpoint write killed midway leaves the previous checkpoint intact and is ignored
+    real_write = model.write_safetensors
+
+    def crash(path, entries, metadata=None):
+        if "opt_state" in str(path):
+            raise KeyboardInterrupt("killed while saving")
+        real_write(path, entries, metadata)
+
+    monkeypatch.setattr(model, "write_safetensors", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train.main(train_args(data, tmp_path / "parts", "--steps", "6", "--save_every", "2"))
+    monkeypatch.setattr(model, "write_safetensors", real_write)
+    assert [os.path.basename(p) for p in train.checkpoints(tmp_path / "parts")] == ["step_00000004"]
+    train.main(train_args(data, tmp_path / "parts", "--steps", "8", "--save_every", "4"))
+    _, whole = model.load_checkpoint(tmp_path / "whole" / "step_00000008")
+    _, parts = model.load_checkpoint(tmp_path / "parts" / "step_00000008")
+    jax.tree.map(np.testing.assert_array_equal, whole, parts)
+    state = [json.load(open(tmp_path / run / "step_00000008" / "train_state.json")) for run in ("whole", "parts")]
+    assert state[0] == state[1]
+
+
+def test_token_stream_packs_skips_bad_lines_and_resumes_exactly(tmp_path):
+    good = [np.arange(i * 10, i * 10 + 7) for i in range(5)]
+    path = write_jsonl(tmp_path / "data.jsonl", good[:2])
+    with open(path, "a") as f:
+        f.write("not json\n")
+        f.write(json.dumps({"tokens": "!!!not base64"}) + "\n")
+        f.write(json.dumps({"tokens": base64.b64encode(np.array([1, 9000], "<i4").tobytes()).decode()}) + "\n")
+    with open(path, "a") as f:
+        for tokens in good[2:]:
+            f.write(json.dumps({"tokens": base64.b64encode(tokens.astype("<i4").tobytes()).decode()}) + "\n")
+    warnings = []
+    stream = train.TokenStream(path, rows=2, seq_len=4, vocab=8292, on_bad_line=warnings.append)
+    expected = np.concatenate(good * 3)
+    inputs, targets = stream.next_batch()
+    np.testing.assert_array_equal(inputs.ravel(), expected[:8])
+    np.testing.assert_array_equal(targets.ravel(), expected[1:9])
+    continued = [stream.next_batch() for _ in range(5)]  # wraps around the 35 tokens
+    np.testing.assert_array_equal(np.concatenate([b[0].ravel() for b in continued]), expected[8:48])
+    assert stream.bad_lines == 3 and len(warnings) == 3 and "byte" in warnings[0]
+    stream = train.TokenStream(path, rows=2, seq_len=4, vocab=8292, on_bad_line=warnings.append)
+    for _ in range(3):
+        stream.next_batch()
+    resumed = train.TokenStream(path, rows=2, seq_len=4, vocab=8292, position=stream.position)
+    np.testing.assert_array_equal(resumed.next_batch()[0], stream.next_batch()[0])
+    (tmp_path / "bad.jsonl").write_text("nothing useful\n")
+    with pytest.raises(ValueError, match="no valid line"):
+        train.TokenStream(str(tmp_path / "bad.jsonl"), 2, 4, 8292, on_bad_line=warnings.append).next_batch()

@@ -1,0 +1,374 @@
+"""Train LVM: next-token prediction over visual sentences, sharded over a (data, fsdp, tensor) mesh.
+
+    python train.py --size 7b --data dataset.jsonl --out runs/7b     # the released 7B recipe
+    python train.py --size debug --data dataset.jsonl --out runs/debug --batch_size 8 --seq_len 1024 \\
+        --accum 1 --steps 500 --warmup 50 --decay_steps 500 --dtype float32
+
+Running the same command again resumes from the newest checkpoint in --out, data position included.
+A step is one optimizer update over accum x batch_size sequences of seq_len tokens.
+"""
+import argparse
+import base64
+import binascii
+import dataclasses
+import glob
+import json
+import math
+import os
+import re
+import shutil
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+from safetensors.numpy import load_file
+from tqdm import tqdm
+
+import model
+
+# bf16 dense peak TFLOP/s per device, for MFU when --peak_tflops is not given
+PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0, "TPU v5 lite": 197.0,
+               "TPU v5p": 459.0, "TPU v6 lite": 918.0}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="7b", choices=model.CONFIGS)
+    p.add_argument("--data", help="training jsonl of visual sentences")
+    p.add_argument("--out", help="run folder: checkpoints and metrics.jsonl")
+    p.add_argument("--steps", type=int, default=400_000, help="optimizer steps")
+    p.add_argument("--batch_size", type=int, default=32, help="sequences per micro-batch")
+    p.add_argument("--accum", type=int, default=4, help="micro-batches per optimizer step")
+    p.add_argument("--seq_len", type=int, default=4096)
+    p.add_argument("--lr", type=float, default=1.5e-4)
+    p.add_argument("--end_lr", type=float, default=3e-5)
+    p.add_argument("--warmup", type=int, default=8000)
+    p.add_argument("--decay_steps", type=int, default=288_000, help="warmup + cosine decay length")
+    p.add_argument("--weight_decay", type=float, default=0.1)
+    p.add_argument("--clip", type=float, default=1.0, help="gradient clipping at this global norm")
+    p.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor sizes; -1 takes the rest")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype")
+    p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=True,
+                   help="recompute layer activations in the backward pass")
+    p.add_argument("--eval_data", help="jsonl for evaluation loss / perplexity")
+    p.add_argument("--eval_every", type=int, default=1000)
+    p.add_argument("--eval_batches", type=int, default=8)
+    p.add_argument("--save_every", type=int, default=1000)
+    p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
+    p.add_argument("--log_every", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--peak_tflops", type=float, help="per-device peak for MFU (known GPUs/TPUs need none)")
+    p.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() (auto on SLURM)")
+    p.add_argument("--coordinator", help="host:port of process 0, for --distributed without SLURM/TPU")
+    p.add_argument("--num_processes", type=int)
+    p.add_argument("--process_id", type=int)
+    p.add_argument("--compile_only", action="store_true",
+                   help="compile one step on abstract inputs, print per-device memory, exit")
+    args = p.parse_args(argv)
+    if not args.compile_only and not (args.data and args.out):
+        p.error("--data and --out are required")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: lines {"tokens": base64 of little-endian int32}, concatenated into one stream and cut into
+# chunks of batch x seq tokens (targets = the stream shifted by one), as the original trainer does.
+# The position is (byte offset of a line, tokens of it already used): exact resumes.
+
+
+def decode_line(line, vocab):
+    """-> int32 tokens, or None for a malformed line (bad json/base64, ids outside the vocab)."""
+    try:
+        tokens = np.frombuffer(base64.b64decode(json.loads(line)["tokens"], validate=True), "<i4")
+    except (ValueError, KeyError, TypeError, binascii.Error):
+        return None
+    if tokens.size == 0 or tokens.min() < 0 or tokens.max() >= vocab:
+        return None
+    return tokens.astype(np.int32)
+
+
+class TokenStream:
+    def __init__(self, path, rows, seq_len, vocab, position=(0, 0), on_bad_line=print):
+        self.path, self.rows, self.seq_len, self.vocab = path, rows, seq_len, vocab
+        self.file = open(path, "rb")
+        self.pending = []  # [(line offset, tokens)], first one partly used
+        self.next_offset, self.skip = position[0], position[1]
+        self.bad_lines, self.on_bad_line = 0, on_bad_line
+        self.wrapped = self.found_valid = False
+        self.file.seek(self.next_offset)
+
+    @property
+    def position(self):
+        return (self.pending[0][0], self.skip) if self.pending else (self.next_offset, self.skip)
+
+    def read_line(self):
+        offset = self.file.tell()
+        line = self.file.readline()
+        if not line:  # end of file: wrap around, unless a whole pass found nothing usable
+            if offset == 0:
+                raise ValueError(f"{self.path}: empty file")
+            if self.wrapped and not self.found_valid:
+                raise ValueError(f"{self.path}: no valid line of tokens")
+            self.wrapped = True
+            self.file.seek(0)
+            return
+        tokens = decode_line(line, self.vocab)
+        if tokens is None:
+            self.bad_lines += 1
+            self.on_bad_line(f"{self.path}: skipping malformed line at byte {offset} ({self.bad_lines} so far)")
+        else:
+            self.found_valid = True
+            self.pending.append((offset, tokens))
+
+    def next_batch(self):
+        """-> (inputs, targets) int32 (rows, seq_len); consumes rows x seq_len tokens."""
+        need = self.rows * self.seq_len + 1
+        while sum(len(t) for _, t in self.pending) - self.skip < need:
+            self.read_line()
+        stream = np.concatenate([t for _, t in self.pending])[self.skip:self.skip + need]
+        used = self.skip + need - 1
+        while used >= len(self.pending[0][1]):
+            used -= len(self.pending.pop(0)[1])
+        self.skip = used
+        shape = (self.rows, self.seq_len)
+        return stream[:-1].reshape(shape), stream[1:].reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer and train step
+
+
+def make_optimizer(args):
+    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, args.warmup, max(args.decay_steps, args.warmup + 1),
+                                                  args.end_lr)
+
+    def decay_mask(params):  # norm scales are not decayed
+        return jax.tree_util.tree_map_with_path(lambda path, _: "norm" not in jax.tree_util.keystr(path), params)
+
+    return optax.chain(optax.clip_by_global_norm(args.clip),
+                       optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=args.weight_decay, mask=decay_mask)), schedule
+
+
+def loss_fn(params, inputs, targets, config):
+    logits = model.forward(params, inputs, config)  # (batch, seq, vocab) float32
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+
+def make_train_step(config, optimizer):
+    def train_step(params, opt_state, inputs, targets):
+        """inputs, targets (accum, batch, seq): gradients summed over micro-batches by a scan, so
+        memory is that of one micro-batch."""
+        grad_fn = jax.value_and_grad(loss_fn)
+
+        def micro_step(grads, batch):
+            loss, g = grad_fn(params, *batch, config)
+            return jax.tree.map(jnp.add, grads, g), loss
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        grads, losses = jax.lax.scan(micro_step, zeros, (inputs, targets))
+        grads = jax.tree.map(lambda g: g / inputs.shape[0], grads)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        return params, opt_state, {"loss": losses.mean(), "grad_norm": optax.tree.norm(grads)}
+
+    return train_step
+
+
+def state_shardings(config, optimizer, mesh):
+    """Shardings of params and optimizer state: each optimizer leaf takes the sharding of the
+    parameter at the end of its path (mu/layers/wq -> layers/wq); counters are replicated."""
+    params = model.param_shardings(config, mesh)
+    opt_shapes = jax.eval_shape(optimizer.init, jax.eval_shape(lambda: model.init_params(config, jax.random.key(0))))
+
+    def for_leaf(path, leaf):
+        keys = [k.key for k in path if isinstance(k, jax.tree_util.DictKey)]
+        node = params
+        for key in keys:
+            node = node.get(key) if isinstance(node, dict) else None
+        return node if isinstance(node, NamedSharding) and keys else NamedSharding(mesh, P())
+
+    return params, jax.tree_util.tree_map_with_path(for_leaf, opt_shapes)
+
+
+def batch_sharding(mesh):
+    return NamedSharding(mesh, P(None, ("data", "fsdp"), None))  # (accum, batch, seq)
+
+
+def global_batch(arrays, mesh, rows):
+    """Each process holds rows of its own devices; together they form the (accum, batch, seq) batch."""
+    sharding = batch_sharding(mesh)
+    per_process = rows // jax.process_count()
+    start = jax.process_index() * per_process
+    return [jax.make_array_from_process_local_data(sharding, a[:, start:start + per_process], a.shape)
+            for a in arrays]
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints: out/step_00001000/ = model.py checkpoint (params.safetensors + config.json)
+# + opt_state.safetensors + train_state.json. Written as step_*.tmp and renamed when complete.
+
+
+def save(out, step, config, params, opt_state, data_position, keep):
+    host_params = jax.tree.map(model.to_host, params)  # collective: every process takes part
+    host_opt = [model.to_host(x) for x in jax.tree.leaves(opt_state)]
+    if jax.process_index() != 0:
+        return
+    path = os.path.join(out, f"step_{step:08d}")
+    tmp = f"{path}.tmp"
+    model.save_checkpoint(tmp, config, host_params)
+    model.write_safetensors(os.path.join(tmp, "opt_state.safetensors"),
+                            [(str(i), x.shape, x.dtype, lambda x=x: x) for i, x in enumerate(host_opt)])
+    with open(os.path.join(tmp, "train_state.json"), "w") as f:
+        json.dump({"step": step, "data_offset": int(data_position[0]), "data_skip": int(data_position[1])}, f)
+    model.replace_dir(tmp, path)
+    for old in checkpoints(out)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def checkpoints(out):
+    """Complete checkpoints in out, oldest first (a .tmp folder is an interrupted write)."""
+    found = [p for p in glob.glob(os.path.join(out, "step_*")) if re.fullmatch(r"step_\d{8}", os.path.basename(p))]
+    return sorted(p for p in found if os.path.isfile(os.path.join(p, "train_state.json")))
+
+
+def restore(path, config, optimizer, shardings):
+    saved_config, params = model.load_checkpoint(path)
+    if dataclasses.replace(saved_config, dtype=config.dtype, remat=config.remat) != config:
+        raise ValueError(f"{path}: checkpoint config {saved_config} does not match --size")
+    opt_tree = jax.tree.structure(jax.eval_shape(optimizer.init, params))
+    opt_flat = load_file(os.path.join(path, "opt_state.safetensors"))
+    opt_state = jax.tree.unflatten(opt_tree, [opt_flat[str(i)] for i in range(len(opt_flat))])
+    with open(os.path.join(path, "train_state.json")) as f:
+        info = json.load(f)
+    params = jax.device_put(params, shardings[0])
+    opt_state = jax.device_put(opt_state, shardings[1])
+    return params, opt_state, info["step"], (info["data_offset"], info["data_skip"])
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def evaluate(eval_step, params, args, config, mesh):
+    stream = TokenStream(args.eval_data, args.batch_size, args.seq_len, config.vocab, on_bad_line=lambda m: None)
+    losses = []
+    for _ in range(args.eval_batches):
+        inputs, targets = global_batch([a[None] for a in stream.next_batch()], mesh, args.batch_size)
+        losses.append(float(eval_step(params, inputs[0], targets[0])))
+    return float(np.mean(losses))
+
+
+def peak_flops(args):
+    if args.peak_tflops:
+        return args.peak_tflops * 1e12
+    kind = jax.devices()[0].device_kind
+    return next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k.lower() in kind.lower()), None)
+
+
+def compile_only(args, config, optimizer, mesh):
+    """Per-device memory of one step of the real recipe, without hardware: abstract inputs on a
+    mesh of (fake) devices, compiled, memory read from XLA's analysis."""
+    params_sh, opt_sh = state_shardings(config, optimizer, mesh)
+    abstract = lambda shapes, sh: jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=d), shapes, sh)
+    params = abstract(jax.eval_shape(lambda: model.init_params(config, jax.random.key(0))), params_sh)
+    opt_state = abstract(jax.eval_shape(optimizer.init, params), opt_sh)
+    batch = jax.ShapeDtypeStruct((args.accum, args.batch_size, args.seq_len), jnp.int32, sharding=batch_sharding(mesh))
+    step = jax.jit(make_train_step(config, optimizer), donate_argnums=(0, 1))
+    with jax.set_mesh(mesh):
+        compiled = step.lower(params, opt_state, batch, batch).compile()
+    m = compiled.memory_analysis()
+    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+    print(f"{args.size} on {mesh.devices.size} devices, mesh {dict(mesh.shape)}, batch {args.accum}x{args.batch_size}x"
+          f"{args.seq_len}, {config.dtype}, remat {config.remat}: per device arguments "
+          f"{m.argument_size_in_bytes / 2**30:.2f} GiB, temporaries {m.temp_size_in_bytes / 2**30:.2f} GiB, "
+          f"total {total / 2**30:.2f} GiB")
+    return total
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.distributed or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        if jax.default_backend() == "cpu":
+            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    config = dataclasses.replace(model.CONFIGS[args.size], dtype=args.dtype, remat=args.remat)
+    if args.seq_len > config.max_seq:
+        raise SystemExit(f"error: --seq_len {args.seq_len} is longer than the model's {config.max_seq}")
+    mesh = model.make_mesh(args.mesh)
+    if args.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
+        raise SystemExit(f"error: --batch_size {args.batch_size} must divide over data x fsdp = "
+                         f"{mesh.shape['data'] * mesh.shape['fsdp']} devices")
+    optimizer, schedule = make_optimizer(args)
+    if args.compile_only:
+        return compile_only(args, config, optimizer, mesh)
+
+    shardings = state_shardings(config, optimizer, mesh)
+    os.makedirs(args.out, exist_ok=True)
+    found = checkpoints(args.out)
+    if found:
+        params, opt_state, step, position = restore(found[-1], config, optimizer, shardings)
+        print(f"resuming from {found[-1]} (step {step})")
+    else:
+        params = model.create_params(config, jax.random.key(args.seed), mesh)
+        opt_state = jax.jit(optimizer.init, out_shardings=shardings[1])(params)
+        step, position = 0, (0, 0)
+    rows = args.accum * args.batch_size
+
+    def log(message):
+        if jax.process_index() == 0:
+            tqdm.write(message)
+
+    try:
+        stream = TokenStream(args.data, rows, args.seq_len, config.vocab, position, on_bad_line=log)
+    except OSError as e:
+        raise SystemExit(f"error: {args.data}: {e.strerror}")
+    train_step = jax.jit(make_train_step(config, optimizer), donate_argnums=(0, 1))
+    eval_step = jax.jit(lambda p, x, y: loss_fn(p, x, y, config))
+    tokens_per_step = rows * args.seq_len
+    flops_per_step = model.flops_per_token(config, args.seq_len) * tokens_per_step
+    peak = peak_flops(args)
+    bar = tqdm(total=args.steps, initial=step, unit="step", disable=jax.process_index() != 0)
+    last_time, last_step = time.perf_counter(), step
+    with jax.set_mesh(mesh):
+        while step < args.steps:
+            try:
+                inputs, targets = stream.next_batch()
+            except ValueError as e:
+                raise SystemExit(f"error: {e}")
+            shape = (args.accum, args.batch_size, args.seq_len)
+            batch = global_batch([inputs.reshape(shape), targets.reshape(shape)], mesh, args.batch_size)
+            params, opt_state, metrics = train_step(params, opt_state, *batch)
+            step += 1
+            if step % args.log_every == 0 or step == args.steps:
+                loss = float(metrics["loss"])
+                if not math.isfinite(loss):
+                    raise SystemExit(f"error: loss is {loss} at step {step}; stopping. The last good "
+                                     f"checkpoint is {(checkpoints(args.out) or ['(none)'])[-1]}")
+                now = time.perf_counter()
+                seconds = (now - last_time) / (step - last_step)
+                last_time, last_step = now, step
+                record = {"step": step, "loss": loss, "lr": float(schedule(step - 1)),
+                          "grad_norm": float(metrics["grad_norm"]), "tokens_per_sec": tokens_per_step / seconds,
+                          "mfu": flops_per_step / seconds / (peak * jax.device_count()) if peak else None}
+                if args.eval_data and (step % args.eval_every == 0 or step == args.steps):
+                    record["eval_loss"] = evaluate(eval_step, params, args, config, mesh)
+                    record["eval_perplexity"] = math.exp(record["eval_loss"])
+                if jax.process_index() == 0:
+                    with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
+                        f.write(json.dumps(record) + "\n")
+                mfu = f"{record['mfu']:.1%}" if record["mfu"] is not None else "n/a"
+                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{record['lr']:.2e}",
+                                tok_s=f"{record['tokens_per_sec']:.0f}", mfu=mfu)
+            bar.update(1)
+            if step % args.save_every == 0 or step == args.steps:
+                save(args.out, step, config, params, opt_state, stream.position, args.keep)
+    bar.close()
+    if stream.bad_lines:
+        log(f"skipped {stream.bad_lines} malformed lines in {args.data}")
+    return params
+
+
+if __name__ == "__main__":
+    main()
