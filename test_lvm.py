@@ -631,3 +631,184 @@ def test_token_stream_packs_skips_bad_lines_and_resumes_exactly(tmp_path):
     (tmp_path / "bad.jsonl").write_text("nothing useful\n")
     with pytest.raises(ValueError, match="no valid line"):
         train.TokenStream(str(tmp_path / "bad.jsonl"), 2, 4, 8292, on_bad_line=warnings.append).next_batch()
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenize_data.py
+
+import shutil
+
+import tokenize_data
+
+TINY_VQ = dict(block_out_channels=(32,) * 5, down_block_types=("DownEncoderBlock2D",) * 5,
+               up_block_types=("UpDecoderBlock2D",) * 5, layers_per_block=1, latent_channels=8,
+               num_vq_embeddings=512, vq_embed_dim=8, mid_block_add_attention=False)
+
+
+@pytest.fixture(scope="module")
+def tiny_vqgan(tmp_path_factory):
+    """A small random VQGAN in the released on-disk format (muse config.json + pytorch_model.bin)."""
+    folder = write_muse_checkpoint(tmp_path_factory.mktemp("vq") / "muse", diffusers_vq(TINY_VQ))
+    return str(folder), *vqgan.load_vqgan(folder)
+
+
+def read_sentences(path):
+    return [np.frombuffer(base64.b64decode(json.loads(line)["tokens"]), "<i4").reshape(-1, 256)
+            for line in open(path)]
+
+
+def photo_folder(tmp_path, names, folder="photos"):
+    (tmp_path / folder).mkdir()
+    for name, source in names.items():
+        shutil.copy(source, tmp_path / folder / name)
+    return str(tmp_path / folder)
+
+
+def reference_tokens(vq, images):
+    return vqgan.encode(vq[1], vq[2], np.stack(images))
+
+
+def test_sequence_sentences_are_frames_in_natural_order(tmp_path, tiny_vqgan):
+    clip = tmp_path / "clips" / "clip1"
+    clip.mkdir(parents=True)
+    frames = [PHOTOS[i % 4] for i in range(10)]
+    for i, source in enumerate(frames):
+        shutil.copy(source, clip / f"frame{i}.jpg")  # frame10 would sort before frame2 as text
+    out = tmp_path / "video.jsonl"
+    tokenize_data.main(["sequence", "--input", str(tmp_path / "clips"), "--output", str(out),
+                        "--vqgan", tiny_vqgan[0], "--frames", "3", "--stride", "2"])
+    sentences = read_sentences(out)
+    expected = reference_tokens(tiny_vqgan, [vqgan.load_image(p) for p in frames[::2]])
+    assert len(sentences) == 1 and sentences[0].shape == (3, 256)  # 5 frames at stride 2 -> one window of 3
+    np.testing.assert_array_equal(sentences[0], expected[:3])
+    with pytest.raises(SystemExit):
+        tokenize_data.main(["sequence", "--input", str(tmp_path / "clips"), "--output", str(out),
+                            "--vqgan", tiny_vqgan[0], "--frames", "16"])
+
+
+def test_pairs_colorization_inpainting_category_tokens(tmp_path, tiny_vqgan):
+    photos = {f"img{i}.jpg": PHOTOS[i % 4] for i in range(6)}
+    inputs = photo_folder(tmp_path, photos)
+    targets = photo_folder(tmp_path, {name: PHOTOS[(i + 1) % 4] for i, name in enumerate(photos)}, "targets")
+    loaded = {name: vqgan.load_image(os.path.join(inputs, name)) for name in photos}
+    target_loaded = {name: vqgan.load_image(os.path.join(targets, name)) for name in photos}
+    by_tokens = lambda images: {tuple(t) for t in reference_tokens(tiny_vqgan, images)}
+    common = ["--vqgan", tiny_vqgan[0], "--shots", "2"]
+
+    tokenize_data.main(["pairs", "--input", inputs, "--targets", targets, "--output", str(tmp_path / "p.jsonl"), *common])
+    sentences = read_sentences(tmp_path / "p.jsonl")
+    assert len(sentences) == 3 and all(s.shape == (4, 256) for s in sentences)
+    pairs = {tuple(x): tuple(y) for name in photos
+             for x, y in [reference_tokens(tiny_vqgan, [loaded[name], target_loaded[name]])]}
+    for s in sentences:
+        for x, y in (s[0:2], s[2:4]):
+            assert pairs[tuple(x)] == tuple(y)
+
+    tokenize_data.main(["colorization", "--input", inputs, "--output", str(tmp_path / "c.jsonl"), *common])
+    luma = {name: np.repeat((0.2989 * im[..., 0] + 0.5870 * im[..., 1] + 0.1140 * im[..., 2])[..., None], 3, -1)
+            for name, im in loaded.items()}
+    color_pairs = {tuple(g): tuple(x) for name in photos
+                   for g, x in [reference_tokens(tiny_vqgan, [luma[name], loaded[name]])]}
+    for s in read_sentences(tmp_path / "c.jsonl"):
+        for g, x in (s[0:2], s[2:4]):
+            assert color_pairs[tuple(g)] == tuple(x)
+
+    tokenize_data.main(["inpainting", "--input", inputs, "--output", str(tmp_path / "i.jsonl"), *common])
+    names = sorted(photos, key=tokenize_data.natural_key)
+    masked = {tuple(t) for t in reference_tokens(tiny_vqgan, [
+        tokenize_data.mask_image(loaded[n], tokenize_data.job_rng(0, 2 * k)) for k, n in enumerate(names)])}
+    for s in read_sentences(tmp_path / "i.jsonl"):
+        assert {tuple(s[0]), tuple(s[2])} <= masked and {tuple(s[1]), tuple(s[3])} <= by_tokens(list(loaded.values()))
+
+    classes = tmp_path / "classes"
+    for c in range(3):
+        (classes / f"c{c}").mkdir(parents=True)
+        for k in range(4):
+            shutil.copy(PHOTOS[c], classes / f"c{c}" / f"{k}.jpg")
+    tokenize_data.main(["category", "--input", str(classes), "--output", str(tmp_path / "k.jsonl"),
+                        "--vqgan", tiny_vqgan[0], "--shots", "2", "--images_per_shot", "2"])
+    class_tokens = [tuple(t) for t in reference_tokens(tiny_vqgan, [vqgan.load_image(PHOTOS[c]) for c in range(3)])]
+    for s in read_sentences(tmp_path / "k.jsonl"):
+        rows = [class_tokens.index(tuple(t)) for t in s]
+        assert len(rows) == 4 and rows[0] == rows[1] and rows[2] == rows[3] and rows[0] != rows[2]
+
+
+def test_mask_image_follows_both_styles():
+    image = np.ones((256, 256, 3), np.float32)
+    squares = patches = 0
+    for k in range(200):
+        hidden = tokenize_data.mask_image(image, tokenize_data.job_rng(1, k))[..., 0] == 0
+        rows, cols = np.nonzero(hidden.any(1))[0], np.nonzero(hidden.any(0))[0]
+        box = hidden[rows.min():rows.max() + 1, cols.min():cols.max() + 1] if hidden.any() else None
+        if box is not None and box.all() and box.shape[0] == box.shape[1] and 25 <= box.shape[0] <= 128:
+            squares += 1
+        else:  # patch style: every 32x32 patch all hidden or all visible
+            blocks = hidden.reshape(8, 32, 8, 32).transpose(0, 2, 1, 3).reshape(64, -1)
+            assert np.all(blocks.all(1) | ~blocks.any(1))
+            patches += 1
+    assert 30 <= squares <= 90 and patches >= 110  # p = 0.3 for the square hole
+
+
+def test_same_seed_same_bytes_bad_files_and_atomic_output(tmp_path, tiny_vqgan, capsys):
+    photos = {f"img{i}.jpg": PHOTOS[i % 4] for i in range(8)}
+    inputs = photo_folder(tmp_path, photos)
+    (tmp_path / "photos" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    run = lambda out, seed: tokenize_data.main(["colorization", "--input", inputs, "--output", str(tmp_path / out),
+                                               "--vqgan", tiny_vqgan[0], "--shots", "2", "--epochs", "2",
+                                               "--seed", str(seed)])
+    run("a.jsonl", 0), run("b.jsonl", 0), run("c.jsonl", 1)
+    printed = capsys.readouterr().out
+    assert "skipped 1 unreadable images" in printed and "broken.jpg" in printed
+    a, b, c = ((tmp_path / f).read_bytes() for f in ("a.jsonl", "b.jsonl", "c.jsonl"))
+    assert a == b and a != c
+    assert len(a.splitlines()) == 8  # 8 readable images, 2 per sentence, 2 epochs
+    assert sorted(os.listdir(tmp_path)) == ["a.jsonl", "b.jsonl", "c.jsonl", "photos"]  # no temporaries
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    original = tokenize_data.encode_line
+    tokenize_data.encode_line = interrupted
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run("d.jsonl", 0)
+    finally:
+        tokenize_data.encode_line = original
+    assert not any(name.startswith("d.jsonl") for name in os.listdir(tmp_path))
+
+
+def test_tokenize_bad_inputs_give_clear_errors(tmp_path, tiny_vqgan, capsys, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "av", None)  # PyAV is optional: without it, a clear message
+    (tmp_path / "clip.mp4").write_bytes(b"")
+    inputs = photo_folder(tmp_path, {"a.jpg": PHOTOS[0], "b.jpg": PHOTOS[1]})
+    targets = photo_folder(tmp_path, {"a.png": PHOTOS[0]}, "targets")
+    (tmp_path / "empty").mkdir()
+    cases = [
+        (["pairs", "--input", inputs, "--targets", targets], "unmatched stems: ['b']"),
+        (["colorization", "--input", str(tmp_path / "empty")], "no images found"),
+        (["colorization", "--input", inputs, "--shots", "8"], "not enough readable images"),
+        (["sequence", "--input", str(tmp_path / "empty")], "no clips"),
+        (["sequence", "--input", str(tmp_path / "clip.mp4")], "needs PyAV (pip install av)"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit):
+            tokenize_data.main([*argv, "--output", str(tmp_path / "out.jsonl"), "--vqgan", tiny_vqgan[0]])
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_mix_shuffles_lines_and_show_writes_a_grid(tmp_path, tiny_vqgan):
+    from PIL import Image
+    a = write_jsonl(tmp_path / "a.jsonl", [np.full(256, i) for i in range(5)])
+    b = write_jsonl(tmp_path / "b.jsonl", [np.full(512, 100 + i) for i in range(7)])
+    for seed in ("0", "0", "1"):
+        tokenize_data.main(["mix", "--input", a, b, "--output", str(tmp_path / f"mix{seed}.jsonl"), "--seed", seed])
+    mixed = (tmp_path / "mix0.jsonl").read_text().splitlines()
+    original = (tmp_path / "a.jsonl").read_text().splitlines() + (tmp_path / "b.jsonl").read_text().splitlines()
+    assert sorted(mixed) == sorted(original) and mixed != original
+    assert mixed != (tmp_path / "mix1.jsonl").read_text().splitlines()
+    tokenize_data.main(["show", "--input", str(tmp_path / "mix0.jsonl"), "--line", "2", "--output",
+                        str(tmp_path / "grid.png"), "--vqgan", tiny_vqgan[0]])
+    images = len(read_sentences(tmp_path / "mix0.jsonl")[2])
+    assert Image.open(tmp_path / "grid.png").size == (256 * images, 256)
