@@ -12,9 +12,7 @@ import dataclasses
 import json
 import os
 import re
-import shutil
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
@@ -22,24 +20,6 @@ from safetensors import safe_open
 import model
 
 DTYPES = {"float32": np.float32, "bfloat16": jnp.bfloat16, "float16": np.float16}
-# our stacked layer tensor -> (HF name inside model.layers.{i}, transposed?)
-LAYER_NAMES = {
-    "attn_norm": ("input_layernorm.weight", False),
-    "wq": ("self_attn.q_proj.weight", True),
-    "wk": ("self_attn.k_proj.weight", True),
-    "wv": ("self_attn.v_proj.weight", True),
-    "wo": ("self_attn.o_proj.weight", True),
-    "mlp_norm": ("post_attention_layernorm.weight", False),
-    "w_gate": ("mlp.gate_proj.weight", True),
-    "w_up": ("mlp.up_proj.weight", True),
-    "w_down": ("mlp.down_proj.weight", True),
-}
-# our top-level tensor -> (HF name, transposed?)
-TOP_NAMES = {
-    "embed": ("model.embed_tokens.weight", False),
-    "final_norm": ("model.norm.weight", False),
-    "lm_head": ("lm_head.weight", True),
-}
 
 
 def parse_size(text):
@@ -64,36 +44,10 @@ def hf_config(config, dtype):
     }
 
 
-def config_from_hf(folder, hf):
-    """Our Config from an HF config.json, refusing what our model cannot represent."""
-    def refuse(why):
-        raise ValueError(f"{folder}/config.json: {why}")
-
-    if hf.get("model_type") != "llama":
-        refuse(f"model_type is {hf.get('model_type')!r}, not 'llama'")
-    heads = hf["num_attention_heads"]
-    if hf.get("num_key_value_heads", heads) != heads:
-        refuse("grouped-query attention (num_key_value_heads != num_attention_heads) is not LVM's architecture")
-    if hf["hidden_size"] % heads or hf.get("head_dim", hf["hidden_size"] // heads) * heads != hf["hidden_size"]:
-        refuse(f"{heads} heads do not divide hidden_size {hf['hidden_size']}")
-    if hf["vocab_size"] != model.Config.vocab:
-        refuse(f"vocab_size {hf['vocab_size']} is not LVM's 8292 (8192 VQGAN codes + 100 special ids)")
-    if hf.get("tie_word_embeddings") or hf.get("rope_scaling") or hf.get("hidden_act", "silu") != "silu":
-        refuse("tied embeddings, rope_scaling or a non-silu activation are not LVM's architecture")
-    if hf.get("attention_bias") or hf.get("mlp_bias"):
-        refuse("biases are not LVM's architecture")
-    rope = hf.get("rope_parameters") or {}
-    return model.Config(hidden=hf["hidden_size"], intermediate=hf["intermediate_size"],
-                        layers=hf["num_hidden_layers"], heads=heads,
-                        max_seq=hf.get("max_position_embeddings", 4096),
-                        norm_eps=hf.get("rms_norm_eps", 1e-6),
-                        rope_theta=hf.get("rope_theta", rope.get("rope_theta", 10000.0)))
-
-
 def to_hf(ckpt, out, dtype="bfloat16", shard_size=5 * 10 ** 9):
     """Our checkpoint -> HF folder: config.json and model.safetensors, or
     model-0000k-of-0000n.safetensors shards + model.safetensors.index.json above shard_size."""
-    config, _ = load_config(ckpt)
+    config = load_config(ckpt)
     target = np.dtype(DTYPES[dtype])
     weights = os.path.join(ckpt, "params.safetensors")
     with safe_open(weights, framework="numpy") as f:
@@ -104,11 +58,11 @@ def to_hf(ckpt, out, dtype="bfloat16", shard_size=5 * 10 ** 9):
             return make
 
         entries = []  # (hf name, shape, dtype, make) in transformers' order
-        for ours, (hf_name, transpose) in TOP_NAMES.items():
+        for ours, (hf_name, transpose) in model.HF_NAMES.items():
             shape = f.get_slice(ours).get_shape()
             entries.append((hf_name, shape[::-1] if transpose else shape, target, reader(ours, None, transpose)))
         for i in range(config.layers):
-            for ours, (hf_name, transpose) in LAYER_NAMES.items():
+            for ours, (hf_name, transpose) in model.HF_LAYER_NAMES.items():
                 shape = f.get_slice(f"layers.{ours}").get_shape()[1:]
                 entries.append((f"model.layers.{i}.{hf_name}", shape[::-1] if transpose else shape,
                                 target, reader(f"layers.{ours}", i, transpose)))
@@ -120,21 +74,18 @@ def to_hf(ckpt, out, dtype="bfloat16", shard_size=5 * 10 ** 9):
                 size = 0
             shards[-1].append(entry)
             size += nbytes
-        tmp = f"{os.path.abspath(out)}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
         names = (["model.safetensors"] if len(shards) == 1 else
                  [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
-        for name, shard in zip(names, shards):
-            model.write_safetensors(os.path.join(tmp, name), shard, metadata={"format": "pt"})
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": int(sum(np.prod(e[1]) * target.itemsize for e in entries))},
-                 "weight_map": {e[0]: name for name, shard in zip(names, shards) for e in shard}}
-        with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-            json.dump(index, f, indent=2)
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(hf_config(config, dtype), f, indent=2)
-    model.replace_dir(tmp, os.path.abspath(out))
+        with model.atomic_dir(out) as tmp:
+            for name, shard in zip(names, shards):
+                model.write_safetensors(os.path.join(tmp, name), shard, metadata={"format": "pt"})
+            if len(shards) > 1:
+                index = {"metadata": {"total_size": int(sum(np.prod(e[1]) * target.itemsize for e in entries))},
+                         "weight_map": {e[0]: name for name, shard in zip(names, shards) for e in shard}}
+                with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                    json.dump(index, f, indent=2)
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(hf_config(config, dtype), f, indent=2)
     return config
 
 
@@ -143,59 +94,18 @@ def load_config(ckpt):
     if not os.path.isfile(os.path.join(ckpt, "params.safetensors")) or not os.path.isfile(config_file):
         raise ValueError(f"{ckpt}: not a model.py checkpoint (needs config.json and params.safetensors)")
     with open(config_file) as f:
-        return model.Config(**json.load(f)), config_file
+        return model.Config(**json.load(f))
 
 
 def from_hf(folder, out):
     """HF LlamaForCausalLM folder (single or sharded safetensors, any float dtype) -> our
-    checkpoint, keeping the stored dtype. Each stacked tensor is built and written on its own."""
-    config_file = os.path.join(folder, "config.json")
-    if not os.path.isfile(config_file):
-        raise ValueError(f"{folder}: no config.json (expected a Hugging Face model folder)")
-    with open(config_file) as f:
-        config = config_from_hf(folder, json.load(f))
-    index_file = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index_file):
-        with open(index_file) as f:
-            weight_map = json.load(f)["weight_map"]
-    elif os.path.isfile(os.path.join(folder, "model.safetensors")):
-        with safe_open(os.path.join(folder, "model.safetensors"), framework="numpy") as f:
-            weight_map = {name: "model.safetensors" for name in f.keys()}
-    else:
-        raise ValueError(f"{folder}: no model.safetensors or model.safetensors.index.json")
-    handles = {}
-
-    def read(name, transpose):
-        if name not in weight_map:
-            raise ValueError(f"{folder}: tensor {name} is missing")
-        shard = weight_map[name]
-        if shard not in handles:
-            handles[shard] = safe_open(os.path.join(folder, shard), framework="numpy")
-        array = handles[shard].get_tensor(name)
-        return array.T if transpose else array
-
-    expected = dict(model.flatten(jax.eval_shape(
-        lambda: model.init_params(config, jax.random.key(0)))))
-    dtype = read(TOP_NAMES["embed"][0], False).dtype
-
-    def make(ours):
-        if ours in TOP_NAMES:
-            array = read(*TOP_NAMES[ours])
-        else:
-            hf_name, transpose = LAYER_NAMES[ours.split(".")[1]]
-            array = np.stack([read(f"model.layers.{i}.{hf_name}", transpose) for i in range(config.layers)])
-        if array.shape != expected[ours].shape:
-            raise ValueError(f"{folder}: {ours} has shape {array.shape}, config.json implies {expected[ours].shape}")
-        return array
-
-    tmp = f"{os.path.abspath(out)}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    entries = [(name, s.shape, dtype, lambda name=name: make(name)) for name, s in expected.items()]
-    model.write_safetensors(os.path.join(tmp, "params.safetensors"), entries)
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(config), f, indent=2)
-    model.replace_dir(tmp, os.path.abspath(out))
+    checkpoint, keeping the stored dtype. Each stacked tensor is read and written on its own."""
+    config, tensors = model.hf_tensors(folder)
+    with model.atomic_dir(out) as tmp:
+        entries = [(name, shape, dtype, make) for name, (shape, dtype, make) in tensors.items()]
+        model.write_safetensors(os.path.join(tmp, "params.safetensors"), entries)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(config), f, indent=2)
     return config
 
 

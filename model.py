@@ -7,6 +7,7 @@ logical axis rules (MaxText style) applied to a mesh with axes (data, fsdp, tens
     python model.py            # parameter count and FLOPs per token of every LVM size
 """
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -20,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+from safetensors import safe_open
 from safetensors.numpy import load_file
 
 
@@ -330,6 +332,18 @@ def replace_dir(tmp, path):
     shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def atomic_dir(path):
+    """Yield an empty temporary folder to fill; it takes the place of `path` only once complete,
+    so a crash midway never damages what was at `path`."""
+    path = os.path.abspath(path)
+    tmp = f"{path}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    yield tmp
+    replace_dir(tmp, path)
+
+
 SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", np.dtype(jnp.bfloat16): "BF16", np.dtype(np.float16): "F16",
                       np.dtype(np.int32): "I32"}
 
@@ -357,20 +371,43 @@ def write_safetensors(path, entries, metadata=None):
             f.write(array.reshape(-1).view(np.uint8).data)  # bytes view: numpy cannot export bf16
 
 
-def save_checkpoint(path, config, params):
-    path = os.path.abspath(path)
-    tmp = f"{path}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+def write_checkpoint_files(folder, config, params):
     entries = [(name, x.shape, x.dtype, partial(to_host, x)) for name, x in flatten(params)]
-    write_safetensors(os.path.join(tmp, "params.safetensors"), entries)
-    with open(os.path.join(tmp, "config.json"), "w") as f:
+    write_safetensors(os.path.join(folder, "params.safetensors"), entries)
+    with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(config), f, indent=2)
-    replace_dir(tmp, path)
+
+
+def save_checkpoint(path, config, params):
+    with atomic_dir(path) as tmp:
+        write_checkpoint_files(tmp, config, params)
+
 
 
 def load_checkpoint(path):
-    """-> (Config, params as numpy arrays in their stored dtype)."""
+    """-> (Config, params as numpy arrays in their stored dtype) from a model.py checkpoint or a
+    Hugging Face LlamaForCausalLM folder (such as the released LVM 7B)."""
+    path = str(path)
+    if is_hf_folder(path):
+        config, tensors = hf_tensors(path)
+        flat = {name: make() for name, (_, _, make) in tensors.items()}
+    else:
+        config, flat = load_own_checkpoint(path)
+    params = {}
+    for name, array in flat.items():
+        *parents, leaf = name.split(".")
+        node = params
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = array
+    return config, params
+
+
+def expected_shapes(config):
+    return dict(flatten(jax.eval_shape(partial(init_params, config), jax.random.key(0))))
+
+
+def load_own_checkpoint(path):
     config_file, weights_file = os.path.join(path, "config.json"), os.path.join(path, "params.safetensors")
     for f in (config_file, weights_file):
         if not os.path.isfile(f):
@@ -381,19 +418,110 @@ def load_checkpoint(path):
         flat = load_file(weights_file)
     except Exception as e:
         raise ValueError(f"{path}: unreadable checkpoint ({e})") from None
-    expected = dict(flatten(jax.eval_shape(partial(init_params, config), jax.random.key(0))))
+    expected = expected_shapes(config)
     if set(flat) != set(expected):
         raise ValueError(f"{path}: tensors {sorted(set(flat) ^ set(expected))} do not match the config")
-    params = {}
     for name, array in flat.items():
         if array.shape != expected[name].shape:
             raise ValueError(f"{path}: {name} has shape {array.shape}, config says {expected[name].shape}")
-        *parents, leaf = name.split(".")
-        node = params
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        node[leaf] = array
-    return config, params
+    return config, flat
+
+
+# Hugging Face Llama names: HF Linear weights are (out, in), ours (in, out); our layers are stacked.
+# ours -> (HF name, transposed?)
+HF_NAMES = {
+    "embed": ("model.embed_tokens.weight", False),
+    "final_norm": ("model.norm.weight", False),
+    "lm_head": ("lm_head.weight", True),
+}
+HF_LAYER_NAMES = {  # inside model.layers.{i}
+    "attn_norm": ("input_layernorm.weight", False),
+    "wq": ("self_attn.q_proj.weight", True),
+    "wk": ("self_attn.k_proj.weight", True),
+    "wv": ("self_attn.v_proj.weight", True),
+    "wo": ("self_attn.o_proj.weight", True),
+    "mlp_norm": ("post_attention_layernorm.weight", False),
+    "w_gate": ("mlp.gate_proj.weight", True),
+    "w_up": ("mlp.up_proj.weight", True),
+    "w_down": ("mlp.down_proj.weight", True),
+}
+
+
+def is_hf_folder(path):
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            return "model_type" in json.load(f)
+    except (OSError, ValueError):
+        return False
+
+
+def config_from_hf(folder, hf):
+    """Our Config from an HF config.json, refusing what our model cannot represent."""
+    def refuse(why):
+        raise ValueError(f"{folder}/config.json: {why}")
+
+    if hf.get("model_type") != "llama":
+        refuse(f"model_type is {hf.get('model_type')!r}, not 'llama'")
+    heads = hf["num_attention_heads"]
+    if hf.get("num_key_value_heads", heads) != heads:
+        refuse("grouped-query attention (num_key_value_heads != num_attention_heads) is not LVM's architecture")
+    if hf["hidden_size"] % heads or (hf.get("head_dim") or hf["hidden_size"] // heads) * heads != hf["hidden_size"]:
+        refuse(f"{heads} heads do not divide hidden_size {hf['hidden_size']}")
+    if hf["vocab_size"] != Config.vocab:
+        refuse(f"vocab_size {hf['vocab_size']} is not LVM's {Config.vocab} (8192 VQGAN codes + 100 special ids)")
+    if hf.get("tie_word_embeddings") or hf.get("rope_scaling") or hf.get("hidden_act", "silu") != "silu":
+        refuse("tied embeddings, rope_scaling or a non-silu activation are not LVM's architecture")
+    if hf.get("attention_bias") or hf.get("mlp_bias"):
+        refuse("biases are not LVM's architecture")
+    rope = hf.get("rope_parameters") or {}
+    return Config(hidden=hf["hidden_size"], intermediate=hf["intermediate_size"], layers=hf["num_hidden_layers"],
+                  heads=heads, max_seq=hf.get("max_position_embeddings", 4096), norm_eps=hf.get("rms_norm_eps", 1e-6),
+                  rope_theta=hf.get("rope_theta", rope.get("rope_theta", 10000.0)))
+
+
+def hf_tensors(folder):
+    """HF LlamaForCausalLM folder (single or sharded safetensors, any float dtype) ->
+    (Config, {our name: (shape, dtype, make)}): make() reads and stacks one of our tensors, so a
+    caller can hold one tensor at a time."""
+    config_file = os.path.join(folder, "config.json")
+    if not os.path.isfile(config_file):
+        raise ValueError(f"{folder}: no config.json (expected a Hugging Face model folder)")
+    with open(config_file) as f:
+        config = config_from_hf(folder, json.load(f))
+    index_file = os.path.join(folder, "model.safetensors.index.json")
+    if os.path.isfile(index_file):
+        with open(index_file) as f:
+            weight_map = json.load(f)["weight_map"]
+    elif os.path.isfile(os.path.join(folder, "model.safetensors")):
+        with safe_open(os.path.join(folder, "model.safetensors"), framework="numpy") as f:
+            weight_map = {name: "model.safetensors" for name in f.keys()}
+    else:
+        raise ValueError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+    handles = {}
+
+    def read(name, transpose):
+        if name not in weight_map:
+            raise ValueError(f"{folder}: tensor {name} is missing")
+        shard = weight_map[name]
+        if shard not in handles:
+            handles[shard] = safe_open(os.path.join(folder, shard), framework="numpy")
+        array = handles[shard].get_tensor(name)
+        return array.T if transpose else array
+
+    expected = expected_shapes(config)
+
+    def make(ours):
+        if ours in HF_NAMES:
+            array = read(*HF_NAMES[ours])
+        else:
+            hf_name, transpose = HF_LAYER_NAMES[ours.split(".")[1]]
+            array = np.stack([read(f"model.layers.{i}.{hf_name}", transpose) for i in range(config.layers)])
+        if array.shape != expected[ours].shape:
+            raise ValueError(f"{folder}: {ours} has shape {array.shape}, config.json implies {expected[ours].shape}")
+        return array
+
+    dtype = read(HF_NAMES["embed"][0], False).dtype
+    return config, {name: (s.shape, dtype, partial(make, name)) for name, s in expected.items()}
 
 
 def main():

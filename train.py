@@ -216,14 +216,12 @@ def save(out, step, config, params, opt_state, data_position, keep):
     host_opt = [model.to_host(x) for x in jax.tree.leaves(opt_state)]
     if jax.process_index() != 0:
         return
-    path = os.path.join(out, f"step_{step:08d}")
-    tmp = f"{path}.tmp"
-    model.save_checkpoint(tmp, config, host_params)
-    model.write_safetensors(os.path.join(tmp, "opt_state.safetensors"),
-                            [(str(i), x.shape, x.dtype, lambda x=x: x) for i, x in enumerate(host_opt)])
-    with open(os.path.join(tmp, "train_state.json"), "w") as f:
-        json.dump({"step": step, "data_offset": int(data_position[0]), "data_skip": int(data_position[1])}, f)
-    model.replace_dir(tmp, path)
+    with model.atomic_dir(os.path.join(out, f"step_{step:08d}")) as tmp:
+        model.write_checkpoint_files(tmp, config, host_params)
+        model.write_safetensors(os.path.join(tmp, "opt_state.safetensors"),
+                                [(str(i), x.shape, x.dtype, lambda x=x: x) for i, x in enumerate(host_opt)])
+        with open(os.path.join(tmp, "train_state.json"), "w") as f:
+            json.dump({"step": step, "data_offset": int(data_position[0]), "data_skip": int(data_position[1])}, f)
     for old in checkpoints(out)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
 
