@@ -714,7 +714,7 @@ def test_pairs_colorization_inpainting_category_tokens(tmp_path, tiny_vqgan):
             assert color_pairs[tuple(g)] == tuple(x)
 
     tokenize_data.main(["inpainting", "--input", inputs, "--output", str(tmp_path / "i.jsonl"), *common])
-    names = sorted(photos, key=tokenize_data.natural_key)
+    names = sorted(photos, key=vqgan.natural_key)
     masked = {tuple(t) for t in reference_tokens(tiny_vqgan, [
         tokenize_data.mask_image(loaded[n], tokenize_data.job_rng(0, 2 * k)) for k, n in enumerate(names)])}
     for s in read_sentences(tmp_path / "i.jsonl"):

@@ -19,7 +19,6 @@ import collections
 import concurrent.futures
 import json
 import os
-import re
 import time
 
 import numpy as np
@@ -27,21 +26,8 @@ from tqdm import tqdm
 
 import vqgan
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
 TOKENS_PER_IMAGE = 256
-
-
-def natural_key(path):
-    """img2 before img10."""
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", os.path.basename(path))]
-
-
-def list_files(folder, extensions):
-    if not os.path.isdir(folder):
-        raise ValueError(f"{folder}: not a folder")
-    return sorted((os.path.join(folder, f) for f in os.listdir(folder)
-                   if os.path.splitext(f)[1].lower() in extensions), key=natural_key)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,12 +90,12 @@ def sequence_jobs(args):
     jobs, clips = [], []
     for root in args.input:
         entries = [root] if os.path.isfile(root) else sorted(
-            (os.path.join(root, d) for d in os.listdir(root)), key=natural_key)
-        if os.path.isdir(root) and list_files(root, IMAGE_EXTENSIONS):
+            (os.path.join(root, d) for d in os.listdir(root)), key=vqgan.natural_key)
+        if os.path.isdir(root) and vqgan.list_images(root):
             entries = [root]
         for entry in entries:
             if os.path.isdir(entry):
-                frames = [image_job(p) for p in list_files(entry, IMAGE_EXTENSIONS)][::args.stride]
+                frames = [image_job(p) for p in vqgan.list_images(entry)][::args.stride]
             elif os.path.splitext(entry)[1].lower() in VIDEO_EXTENSIONS:
                 frames = video_frames(entry, args.stride)
             else:
@@ -144,19 +130,19 @@ def pair_sentences(pairs, shots):
 def pairs_jobs(args):
     if not args.targets:
         raise ValueError("pairs needs --targets FOLDER (annotations matched to --input by file stem)")
-    inputs = {os.path.splitext(os.path.basename(p))[0]: p for p in list_files(args.input[0], IMAGE_EXTENSIONS)}
-    targets = {os.path.splitext(os.path.basename(p))[0]: p for p in list_files(args.targets, IMAGE_EXTENSIONS)}
+    inputs = {os.path.splitext(os.path.basename(p))[0]: p for p in vqgan.list_images(args.input[0])}
+    targets = {os.path.splitext(os.path.basename(p))[0]: p for p in vqgan.list_images(args.targets)}
     if inputs.keys() != targets.keys():
         only_in = sorted(inputs.keys() - targets.keys())[:3], sorted(targets.keys() - inputs.keys())[:3]
         raise ValueError(f"{args.input[0]} has {len(inputs)} images, {args.targets} has {len(targets)}; "
                          f"unmatched stems: {only_in[0]} / {only_in[1]}")
-    jobs = [job for stem in sorted(inputs, key=natural_key) for job in (image_job(inputs[stem]), image_job(targets[stem]))]
+    jobs = [job for stem in sorted(inputs, key=vqgan.natural_key) for job in (image_job(inputs[stem]), image_job(targets[stem]))]
     return jobs, pair_sentences([(i, i + 1) for i in range(0, len(jobs), 2)], args.shots)
 
 
 def transformed_pairs_jobs(args, transform):
     """[transform(x), x] pairs from plain images (colorization, inpainting)."""
-    paths = [p for folder in args.input for p in list_files(folder, IMAGE_EXTENSIONS)]
+    paths = [p for folder in args.input for p in vqgan.list_images(folder)]
     jobs = [job for p in paths for job in (image_job(p, transform), image_job(p))]
     return jobs, pair_sentences([(i, i + 1) for i in range(0, len(jobs), 2)], args.shots)
 
@@ -165,8 +151,8 @@ def category_jobs(args):
     """One subfolder per class; a sentence is --shots classes x --images_per_shot images each."""
     root = args.input[0]
     classes, jobs = [], []
-    for name in sorted(os.listdir(root), key=natural_key):
-        paths = list_files(os.path.join(root, name), IMAGE_EXTENSIONS) if os.path.isdir(os.path.join(root, name)) else []
+    for name in sorted(os.listdir(root), key=vqgan.natural_key):
+        paths = vqgan.list_images(os.path.join(root, name)) if os.path.isdir(os.path.join(root, name)) else []
         if len(paths) >= args.images_per_shot:
             classes.append(list(range(len(jobs), len(jobs) + len(paths))))
             jobs += [image_job(p) for p in paths]

@@ -26,6 +26,7 @@ from safetensors.numpy import load_file
 from tqdm import tqdm
 
 IMAGE_SIZE = 256
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,18 @@ def decode(params, config, tokens, batch_size=8):
 
 # ---------------------------------------------------------------------------------------------
 # Images
+
+
+def natural_key(path):
+    """img2 before img10."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", os.path.basename(path))]
+
+
+def list_images(folder):
+    if not os.path.isdir(folder):
+        raise ValueError(f"{folder}: not a folder")
+    return sorted((os.path.join(folder, f) for f in os.listdir(folder)
+                   if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS), key=natural_key)
 
 
 def load_image(path):
