@@ -812,3 +812,95 @@ def test_mix_shuffles_lines_and_show_writes_a_grid(tmp_path, tiny_vqgan):
                         str(tmp_path / "grid.png"), "--vqgan", tiny_vqgan[0]])
     images = len(read_sentences(tmp_path / "mix0.jsonl")[2])
     assert Image.open(tmp_path / "grid.png").size == (256 * images, 256)
+
+
+# ---------------------------------------------------------------------------------------------
+# sample.py
+
+import sample
+
+
+def test_greedy_cached_generation_equals_full_forward_argmax():
+    params = randomize_norms(model.init_params(DEBUG, jax.random.key(10)))
+    context = random_tokens(10, 2, 300, high=8192)
+    greedy = sample.Sampling(temperature=0.0, codes=8192)
+    drawn = np.asarray(sample.generate_image(params, jnp.asarray(context), jax.random.key(0), DEBUG, greedy))
+    # reference: the full forward pass over a fixed-length buffer, argmax over the image codes
+    forward = jax.jit(model.forward, static_argnums=2)
+    buffer = np.concatenate([context, np.zeros((2, 256), np.int32)], axis=1)
+    for t in range(256):
+        logits = np.asarray(forward(params, buffer, DEBUG))[:, 300 + t - 1]
+        buffer[:, 300 + t] = logits[:, :8192].argmax(-1)
+    np.testing.assert_array_equal(drawn, buffer[:, 300:])
+
+
+def test_top_k_top_p_and_codebook_keep_exactly_the_right_ids():
+    probs = np.array([0.5, 0.2, 0.15, 0.1, 0.05])
+    logits = np.full((1, 8292), -1e9, np.float32)
+    logits[0, :5] = np.log(probs)
+    logits[0, 8192:] = 10.0  # special ids are the most likely of all, and must still never be kept
+
+    def kept(**kw):
+        filtered = np.asarray(sample.filter_logits(jnp.asarray(logits), sample.Sampling(**kw)))
+        return set(np.nonzero(np.isfinite(filtered[0]) & (filtered[0] > -1e8))[0])
+
+    assert kept() == {0, 1, 2, 3, 4}
+    assert kept(top_k=2) == {0, 1}
+    assert kept(top_p=0.6) == {0, 1}
+    assert kept(top_p=0.75) == {0, 1, 2}
+    assert kept(top_p=0.9) == {0, 1, 2, 3}
+    assert kept(top_k=3, top_p=0.6) == {0, 1}
+    assert kept(codes=3) == {0, 1, 2}
+    assert kept(temperature=2.0, top_p=0.6) == {0, 1, 2}  # the flatter tempered distribution needs more ids
+    draws = np.asarray(jax.vmap(lambda k: sample.sample_token(jnp.asarray(logits), k, sample.Sampling()))(
+        jax.random.split(jax.random.key(0), 4000)))
+    assert draws.max() < 8192 and set(np.unique(draws)) == {0, 1, 2, 3, 4}
+    np.testing.assert_allclose(np.bincount(draws.ravel(), minlength=5) / draws.size, probs, atol=0.03)
+
+
+def hf_with_vqgan(tmp_path):
+    hf = hf_llama(DEBUG, seed=3)
+    hf.save_pretrained(tmp_path / "hf")
+    return hf, str(tmp_path / "hf")
+
+
+def test_perplexity_equals_transformers_and_numpy(tmp_path, tiny_vqgan):
+    hf, folder = hf_with_vqgan(tmp_path)
+    lines = [{"input": PHOTOS[:2], "target": [PHOTOS[2]]}, {"input": [PHOTOS[3]], "target": PHOTOS[:2]},
+             {"input": [PHOTOS[0], "missing.jpg"], "target": [PHOTOS[1]]}]
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
+    ours = sample.main(["--ckpt", folder, "--vqgan", tiny_vqgan[0], "--perplexity", str(tmp_path / "eval.jsonl")])
+    expected = []
+    for line in lines[:2]:
+        images = [vqgan.load_image(p) for p in line["input"] + line["target"]]
+        tokens = reference_tokens(tiny_vqgan, images).reshape(-1)
+        logits = hf_logits(hf, tokens[None, :-1])[0].astype(np.float64)
+        log_probs = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+            - logits.max(-1, keepdims=True)
+        nll = -log_probs[np.arange(len(tokens) - 1), tokens[1:]]
+        expected.append(np.exp(nll[len(line["input"]) * 256 - 1:].mean()))
+    assert ours == pytest.approx(np.mean(expected), rel=1e-4)
+
+
+def test_hf_folder_samples_a_grid_and_bad_inputs(tmp_path, tiny_vqgan, capsys):
+    from PIL import Image
+    _, folder = hf_with_vqgan(tmp_path)
+    prompt = photo_folder(tmp_path, {"img10.jpg": PHOTOS[2], "img2.jpg": PHOTOS[1], "img1.jpg": PHOTOS[0]}, "prompt")
+    (tmp_path / "prompt" / "notes.txt").write_text("not an image, ignored")
+    common = ["--ckpt", folder, "--vqgan", tiny_vqgan[0], "--top_k", "50", "--top_p", "0.9"]
+    sample.main([*common, "--prompt", prompt, "--out", str(tmp_path / "out"), "--candidates", "2",
+                 "--new_images", "2", "--context", "3"])
+    printed = capsys.readouterr().out
+    assert "keeping the last 2" in printed and "tokens/s" in printed
+    assert sorted(os.listdir(tmp_path / "out")) == ["candidate0_image0.png", "candidate0_image1.png",
+                                                    "candidate1_image0.png", "candidate1_image1.png", "grid.png"]
+    assert Image.open(tmp_path / "out" / "grid.png").size == (2 * 256, 3 * 256)  # prompt row + 2 candidates
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "prompt" / "broken.jpg").write_bytes(b"not a jpeg")
+    for argv, message in [(["--prompt", str(tmp_path / "empty")], "no images"),
+                          (["--prompt", prompt], "broken.jpg: not a readable image"),
+                          (["--prompt", prompt, "--context", "17"], "needs 4352 positions"),
+                          (["--prompt", prompt, "--ckpt", str(tmp_path)], "config.json is missing")]:
+        with pytest.raises(SystemExit):
+            sample.main([*common, *argv])
+        assert message in capsys.readouterr().err

@@ -1,0 +1,231 @@
+"""Visual prompting: show LVM a few images, let it draw the next one(s).
+
+    python sample.py --prompt DIR --ckpt CKPT --vqgan VQ [--out DIR] [--new_images 1] [--candidates 1]
+                     [--temperature 1.0] [--top_p 1.0] [--top_k 0] [--seed 0] [--context 16]
+    python sample.py --ckpt CKPT --vqgan VQ --perplexity eval.jsonl   # {"input": [...], "target": [...]}
+    python sample.py --ckpt CKPT --vqgan VQ --batch jobs.jsonl        # {"input": [...], "output": path}
+
+The prompt folder's images are read in natural order (img2 before img10). Analogy prompt:
+x1, y1, x2, y2, ..., xq -> draws yq. Sequential prompt: f1, ..., fn -> draws f(n+1), ...
+CKPT is a train.py / convert_hf.py checkpoint or a Hugging Face Llama folder (the released LVM 7B).
+"""
+import argparse
+import dataclasses
+import json
+import os
+import time
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+import model
+import vqgan
+
+TOKENS_PER_IMAGE = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    codes: int = 8192  # ids the VQGAN can decode; the special ids >= 8192 are never sampled
+
+
+def filter_logits(logits, sampling):
+    """logits (batch, vocab) -> the same with every id that may not be drawn set to -inf: ids past
+    the codebook, outside the top k, or outside the smallest set with probability >= top_p."""
+    logits = jnp.where(jnp.arange(logits.shape[-1]) < sampling.codes, logits, -jnp.inf)
+    if sampling.top_k:
+        kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
+        logits = jnp.where(logits >= kth, logits, -jnp.inf)
+    if sampling.top_p < 1.0:
+        ordered = jnp.sort(logits, axis=-1)[:, ::-1]
+        probs = jax.nn.softmax(ordered / max(sampling.temperature, 1e-6), axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        threshold = jnp.min(jnp.where(mass_before < sampling.top_p, ordered, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits >= threshold, logits, -jnp.inf)
+    return logits
+
+
+def sample_token(logits, key, sampling):
+    logits = filter_logits(logits, sampling)
+    if sampling.temperature == 0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, logits / sampling.temperature).astype(jnp.int32)
+
+
+@partial(jax.jit, static_argnames=("config", "sampling"))
+def generate_image(params, context, key, config, sampling):
+    """context int32 (batch, seq) -> the next 256 tokens (batch, 256): one prefill, then a scan of
+    decode steps over the fixed-size KV cache, all in one compiled call."""
+    logits, cache = model.prefill(params, context, config, context.shape[1] + TOKENS_PER_IMAGE)
+
+    def step(carry, key):
+        logits, cache = carry
+        token = sample_token(logits, key, sampling)
+        logits, cache = model.decode_step(params, token, cache, config)
+        return (logits, cache), token
+
+    _, tokens = jax.lax.scan(step, (logits[:, -1], cache), jax.random.split(key, TOKENS_PER_IMAGE))
+    return tokens.T
+
+
+def generate(params, config, prompt, new_images, candidates, context_images, sampling, key):
+    """prompt int32 (images, 256) -> (candidates, new_images, 256). When the sequence outgrows the
+    context the window slides by whole images, keeping the last context - 1."""
+    sequence = np.repeat(prompt[None], candidates, axis=0)  # (candidates, images, 256)
+    for _ in tqdm(range(new_images), unit="image", desc="drawing", disable=new_images == 1):
+        context = sequence[:, -(context_images - 1):].reshape(candidates, -1)
+        key, subkey = jax.random.split(key)
+        image = np.asarray(generate_image(params, jnp.asarray(context), subkey, config, sampling))
+        sequence = np.concatenate([sequence, image[:, None]], axis=1)
+    return sequence[:, len(prompt):]
+
+
+def load_model(path, dtype, context_images, codes):
+    config, params = model.load_checkpoint(path)
+    if config.vocab < codes:
+        raise ValueError(f"{path}: vocab {config.vocab} cannot hold the VQGAN's {codes} codes")
+    if context_images * TOKENS_PER_IMAGE > config.max_seq:
+        raise ValueError(f"{path}: --context {context_images} images needs {context_images * TOKENS_PER_IMAGE} "
+                         f"positions, the model has {config.max_seq}")
+    config = dataclasses.replace(config, dtype=dtype)
+    return config, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32 if dtype == "float32" else x.dtype), params)
+
+
+def resolve(base, path):
+    return path if os.path.isabs(path) else os.path.join(base, path)
+
+
+def read_jobs(path, keys):
+    """Lines of a jsonl job file with the given keys; paths relative to the file's folder."""
+    jobs = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                job = json.loads(line)
+                assert all(k in job for k in keys)
+            except (ValueError, AssertionError):
+                raise ValueError(f"{path}:{number}: expected a json object with {keys}") from None
+            jobs.append((number, job))
+    return jobs
+
+
+def perplexity(params, config, vq, jobs_file, context_images):
+    """Mean over lines of exp(mean NLL of the target tokens given everything before them)."""
+    base = os.path.dirname(os.path.abspath(jobs_file))
+    logits_fn = jax.jit(model.forward, static_argnums=2)
+    results = []
+    for number, job in tqdm(read_jobs(jobs_file, ("input", "target")), unit="line", desc="perplexity"):
+        try:
+            images = [vqgan.load_image(resolve(base, p)) for p in job["input"] + job["target"]]
+        except ValueError as e:
+            tqdm.write(f"skipping line {number}: {e}")
+            continue
+        if len(images) > context_images:
+            tqdm.write(f"skipping line {number}: {len(images)} images exceed the context of {context_images}")
+            continue
+        tokens = vqgan.encode(*vq, np.stack(images)).reshape(-1)
+        logits = logits_fn(params, jnp.asarray(tokens[None, :-1]), config)[0]
+        nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.asarray(tokens[1:, None]), axis=-1)[:, 0]
+        start = len(job["input"]) * TOKENS_PER_IMAGE - 1  # predictions of the first target token onwards
+        results.append(float(jnp.exp(jnp.mean(nll[start:]))))
+        tqdm.write(f"line {number}: perplexity {results[-1]:.3f}")
+    if not results:
+        raise ValueError(f"{jobs_file}: no line could be evaluated")
+    print(f"mean perplexity over {len(results)} lines: {np.mean(results):.4f}")
+    return float(np.mean(results))
+
+
+def grid(rows):
+    """rows: lists of (256, 256, 3) images -> one image, rows padded with white."""
+    width = max(len(r) for r in rows)
+    canvas = np.ones((len(rows) * 256, width * 256, 3), np.float32)
+    for i, row in enumerate(rows):
+        for j, image in enumerate(row):
+            canvas[i * 256:(i + 1) * 256, j * 256:(j + 1) * 256] = image
+    return canvas
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--prompt", help="folder of prompt images")
+    p.add_argument("--ckpt", required=True, help="model checkpoint or Hugging Face Llama folder")
+    p.add_argument("--vqgan", required=True, help="VQGAN checkpoint folder")
+    p.add_argument("--out", default="samples")
+    p.add_argument("--new_images", type=int, default=1)
+    p.add_argument("--candidates", type=int, default=1)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    p.add_argument("--top_p", type=float, default=1.0)
+    p.add_argument("--top_k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--context", type=int, default=16, help="images the model sees at once")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"],
+                   default="float32" if jax.default_backend() == "cpu" else "bfloat16")
+    p.add_argument("--perplexity", help="jsonl of {input, target} image lists: report perplexity")
+    p.add_argument("--batch", help="jsonl of {input, output}: draw one image per line")
+    args = p.parse_args(argv)
+    if sum(bool(x) for x in (args.prompt, args.perplexity, args.batch)) != 1:
+        p.error("give exactly one of --prompt, --perplexity, --batch")
+    if args.context < 2:
+        p.error("--context must be at least 2 images")
+    try:
+        vq = vqgan.load_vqgan(args.vqgan)
+        codes = min(vq[1].num_embeddings, 8192)
+        config, params = load_model(args.ckpt, args.dtype, args.context, codes)
+        sampling = Sampling(args.temperature, args.top_k, args.top_p, codes)
+        if args.perplexity:
+            return perplexity(params, config, vq, args.perplexity, args.context)
+        if args.batch:
+            base = os.path.dirname(os.path.abspath(args.batch))
+            jobs = [(n, [resolve(base, x) for x in job["input"]], resolve(base, job["output"]))
+                    for n, job in read_jobs(args.batch, ("input", "output"))]
+        else:
+            paths = vqgan.list_images(args.prompt)
+            if not paths:
+                raise ValueError(f"{args.prompt}: no images (.jpg, .png, ...) in this folder")
+            jobs = [(None, paths, None)]
+        key = jax.random.key(args.seed)
+        for number, paths, output in jobs:
+            try:
+                images = np.stack([vqgan.load_image(path) for path in paths])
+            except ValueError as e:
+                if number is None:
+                    raise
+                print(f"skipping line {number}: {e}")
+                continue
+            if len(images) > args.context - 1:
+                print(f"{len(images)} prompt images but the context holds {args.context}: "
+                      f"keeping the last {args.context - 1}")
+                images = images[-(args.context - 1):]
+            prompt = vqgan.encode(*vq, images)
+            start = time.perf_counter()
+            tokens = generate(params, config, prompt, 1 if output else args.new_images,
+                              1 if output else args.candidates, args.context, sampling, key)
+            seconds = time.perf_counter() - start
+            drawn = vqgan.decode(*vq, tokens.reshape(-1, TOKENS_PER_IMAGE)).reshape(*tokens.shape[:2], 256, 256, 3)
+            print(f"{tokens.size} tokens in {seconds:.2f}s: {tokens.size / seconds:.1f} tokens/s, "
+                  f"{seconds / tokens.shape[1]:.2f} s per image (first call includes compilation)")
+            if output:
+                os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+                vqgan.save_image(output, drawn[0, 0])
+                print(f"line {number}: wrote {output}")
+                continue
+            os.makedirs(args.out, exist_ok=True)
+            for c, row in enumerate(drawn):
+                for k, image in enumerate(row):
+                    vqgan.save_image(os.path.join(args.out, f"candidate{c}_image{k}.png"), image)
+            vqgan.save_image(os.path.join(args.out, "grid.png"), grid([list(images)] + [list(r) for r in drawn]))
+            print(f"wrote {drawn.shape[0] * drawn.shape[1]} images and grid.png to {args.out}")
+    except (ValueError, OSError) as e:
+        p.exit(1, f"error: {e}\n")
+
+
+if __name__ == "__main__":
+    main()
