@@ -94,7 +94,8 @@ def load_model(path, dtype, context_images, codes):
         raise ValueError(f"{path}: --context {context_images} images needs {context_images * TOKENS_PER_IMAGE} "
                          f"positions, the model has {config.max_seq}")
     config = dataclasses.replace(config, dtype=dtype)
-    return config, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32 if dtype == "float32" else x.dtype), params)
+    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32 if dtype == "float32" else x.dtype), params)
+    return config, model.unstack_layers(params)
 
 
 def resolve(base, path):
@@ -120,7 +121,7 @@ def read_jobs(path, keys):
 def perplexity(params, config, vq, jobs_file, context_images):
     """Mean over lines of exp(mean NLL of the target tokens given everything before them)."""
     base = os.path.dirname(os.path.abspath(jobs_file))
-    logits_fn = jax.jit(model.forward, static_argnums=2)
+    prefill = jax.jit(model.prefill, static_argnums=(2, 3))
     results = []
     for number, job in tqdm(read_jobs(jobs_file, ("input", "target")), unit="line", desc="perplexity"):
         try:
@@ -132,7 +133,7 @@ def perplexity(params, config, vq, jobs_file, context_images):
             tqdm.write(f"skipping line {number}: {len(images)} images exceed the context of {context_images}")
             continue
         tokens = vqgan.encode(*vq, np.stack(images)).reshape(-1)
-        logits = logits_fn(params, jnp.asarray(tokens[None, :-1]), config)[0]
+        logits = prefill(params, jnp.asarray(tokens[None, :-1]), config, len(tokens) - 1)[0][0]
         nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.asarray(tokens[1:, None]), axis=-1)[:, 0]
         start = len(job["input"]) * TOKENS_PER_IMAGE - 1  # predictions of the first target token onwards
         results.append(float(jnp.exp(jnp.mean(nll[start:]))))

@@ -1,0 +1,218 @@
+"""Speed and memory of every stage against the reference implementations, side by side, on CPU.
+
+    python bench.py                       # every section
+    python bench.py --sections train,sample
+
+Needs the test requirements (torch, transformers, diffusers). Figures are medians of repeated runs
+after a warm-up; ratios are ours / reference (higher is better for rates).
+"""
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+import model
+import sample
+import train
+import vqgan
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def timed(fn, repeats):
+    """Median seconds of fn() over repeats, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def matmul_peak():
+    """Measured float32 matmul FLOP/s of this machine (the larger of JAX and torch)."""
+    a = np.random.rand(2048, 2048).astype(np.float32)
+    f = jax.jit(lambda x: x @ x)
+    jax_s = timed(lambda: f(a).block_until_ready(), 5)
+    t = torch.from_numpy(a)
+    torch_s = timed(lambda: t @ t, 5)
+    return 2 * 2048 ** 3 / min(jax_s, torch_s)
+
+
+def hf_model(config):
+    import transformers
+    hf_config = transformers.LlamaConfig(
+        vocab_size=config.vocab, hidden_size=config.hidden, intermediate_size=config.intermediate,
+        num_hidden_layers=config.layers, num_attention_heads=config.heads, num_key_value_heads=config.heads,
+        max_position_embeddings=config.max_seq, rms_norm_eps=config.norm_eps, rope_theta=config.rope_theta,
+        tie_word_embeddings=False)
+    return transformers.LlamaForCausalLM(hf_config)
+
+
+def bench_train(sizes=("debug", "100m"), seq=1024, batch=1, repeats=3):
+    peak = matmul_peak()
+    print(f"\n## train: one optimizer step, batch {batch} x {seq}, float32, CPU "
+          f"(measured matmul peak {peak / 1e9:.0f} GFLOP/s)")
+    print("| size | ours tokens/s | ours MFU | torch tokens/s | torch MFU | ratio |\n|---|---|---|---|---|---|")
+    for size in sizes:
+        config = dataclasses.replace(model.CONFIGS[size], dtype="float32")
+        args = train.parse_args(["--compile_only", "--warmup", "10"])
+        optimizer, _ = train.make_optimizer(args)
+        step = jax.jit(train.make_train_step(config, optimizer), donate_argnums=(0, 1))
+        state = [model.init_params(config, jax.random.key(0))]
+        state.append(optimizer.init(state[0]))
+        tokens = np.random.default_rng(0).integers(0, 8192, (1, batch, seq + 1)).astype(np.int32)
+        inputs, targets = jnp.asarray(tokens[..., :-1]), jnp.asarray(tokens[..., 1:])
+
+        def ours():
+            state[0], state[1], metrics = step(state[0], state[1], inputs, targets)
+            metrics["loss"].block_until_ready()
+
+        ours_s = timed(ours, repeats)
+        hf = hf_model(config)
+        opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
+        t_inputs, t_targets = torch.from_numpy(tokens[0, :, :-1]).long(), torch.from_numpy(tokens[0, :, 1:]).long()
+
+        def reference():
+            logits = hf(t_inputs).logits
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), t_targets.reshape(-1))
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad()
+
+        torch_s = timed(reference, repeats)
+        flops = model.flops_per_token(config, seq) * batch * seq
+        print(f"| {size} | {batch * seq / ours_s:.0f} | {flops / ours_s / peak:.0%} | {batch * seq / torch_s:.0f} | "
+              f"{flops / torch_s / peak:.0%} | {torch_s / ours_s:.2f}x |")
+
+
+def bench_sample(sizes=("debug", "100m"), batches=(1, 4), prompt_images=3, repeats=2):
+    print(f"\n## sample: draw one image (256 tokens) after {prompt_images} prompt images, float32, CPU")
+    print("| size | batch | ours tokens/s | ours s/image | transformers tokens/s | ratio |\n|---|---|---|---|---|---|")
+    for size in sizes:
+        config = dataclasses.replace(model.CONFIGS[size], dtype="float32")
+        params = model.unstack_layers(model.init_params(config, jax.random.key(0)))
+        hf = hf_model(config).eval()
+        for batch in batches:
+            context = np.random.default_rng(0).integers(0, 8192, (batch, prompt_images * 256)).astype(np.int32)
+            sampling = sample.Sampling(temperature=1.0, top_k=0, top_p=1.0)
+            ours_s = timed(lambda: sample.generate_image(params, jnp.asarray(context), jax.random.key(0),
+                                                         config, sampling).block_until_ready(), repeats)
+            t_context = torch.from_numpy(context).long()
+
+            def reference():
+                with torch.no_grad():
+                    hf.generate(t_context, max_new_tokens=256, min_new_tokens=256, do_sample=True, top_k=0,
+                                use_cache=True, pad_token_id=8192)
+
+            torch_s = timed(reference, 1)
+            tokens = batch * 256
+            print(f"| {size} | {batch} | {tokens / ours_s:.1f} | {ours_s:.2f} | {tokens / torch_s:.1f} | "
+                  f"{torch_s / ours_s:.2f}x |")
+
+
+def bench_vqgan(batch=8, repeats=2):
+    import diffusers
+    print(f"\n## vqgan: released config (146M params), batch {batch}, float32, CPU")
+    torch.manual_seed(0)
+    vq = diffusers.VQModel(block_out_channels=(128, 256, 256, 512, 768), down_block_types=("DownEncoderBlock2D",) * 5,
+                           up_block_types=("UpDecoderBlock2D",) * 5, layers_per_block=2, latent_channels=64,
+                           num_vq_embeddings=8192, vq_embed_dim=64, mid_block_add_attention=False,
+                           lookup_from_codebook=True).eval()
+    with tempfile.TemporaryDirectory() as folder:
+        vq.save_pretrained(folder)
+        params, config = vqgan.load_vqgan(folder)
+    images = np.random.default_rng(0).random((batch, 256, 256, 3), np.float32)
+    tokens = np.random.default_rng(0).integers(0, 8192, (batch, 256)).astype(np.int32)
+    t_images = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+    t_tokens = torch.from_numpy(tokens).long()
+    with torch.no_grad():
+        rows = [("encode", timed(lambda: vqgan.encode(params, config, images), repeats),
+                 timed(lambda: vq.quantize(vq.encode(t_images).latents), repeats)),
+                ("decode", timed(lambda: vqgan.decode(params, config, tokens), repeats),
+                 timed(lambda: vq.decode(t_tokens, force_not_quantize=True, shape=(batch, 16, 16, 64)), repeats))]
+    print("| | ours images/s | diffusers images/s | ratio |\n|---|---|---|---|")
+    for name, ours_s, torch_s in rows:
+        print(f"| {name} | {batch / ours_s:.2f} | {batch / torch_s:.2f} | {torch_s / ours_s:.2f}x |")
+    return folder
+
+
+def bench_tokenize(images=32):
+    """tokenize_data.py end to end on the example photos with a random released-config VQGAN."""
+    import diffusers
+    print(f"\n## tokenize_data: colorization sentences from {images} photo loads, released VQGAN config, CPU")
+    torch.manual_seed(0)
+    vq = diffusers.VQModel(block_out_channels=(128, 256, 256, 512, 768), down_block_types=("DownEncoderBlock2D",) * 5,
+                           up_block_types=("UpDecoderBlock2D",) * 5, layers_per_block=2, latent_channels=64,
+                           num_vq_embeddings=8192, vq_embed_dim=64, mid_block_add_attention=False)
+    photos = sorted(os.path.join(HERE, "images", f) for f in os.listdir(os.path.join(HERE, "images")) if f.endswith(".jpg"))
+    with tempfile.TemporaryDirectory() as tmp:
+        vq.save_pretrained(os.path.join(tmp, "vq"))
+        os.makedirs(os.path.join(tmp, "photos"))
+        for i in range(images // 2):
+            os.symlink(photos[i % len(photos)], os.path.join(tmp, "photos", f"{i}.jpg"))
+        load_s = timed(lambda: [vqgan.load_image(os.path.join(tmp, "photos", f"{i}.jpg")) for i in range(images // 2)], 1)
+        start = time.perf_counter()
+        result = subprocess.run([sys.executable, os.path.join(HERE, "tokenize_data.py"), "colorization", "--input",
+                                 os.path.join(tmp, "photos"), "--output", os.path.join(tmp, "out.jsonl"),
+                                 "--vqgan", os.path.join(tmp, "vq")], capture_output=True, text=True)
+        seconds = time.perf_counter() - start
+    bar = [line for line in result.stderr.replace("\r", "\n").splitlines() if "images_per_s" in line]
+    print(f"{images} images encoded in {seconds:.1f}s end to end, process start and compile included "
+          f"({images / seconds:.2f} images/s); the progress bar's last figures: {bar[-1].strip() if bar else result.stderr[-300:]}")
+    print(f"JPEG decode + resize alone, one thread: {images / 2 / load_s:.1f} images/s")
+
+
+def bench_convert(size="1b"):
+    """Peak memory of to-hf and from-hf on a random checkpoint, next to the checkpoint's size."""
+    print(f"\n## convert_hf: peak resident memory, random {size} checkpoint")
+    config = model.CONFIGS[size]
+    with tempfile.TemporaryDirectory(dir=HERE) as tmp:
+        # written one tensor at a time, so making the checkpoint needs no whole model in memory either
+        entries = [(name, s.shape, np.float32, lambda s=s: np.random.default_rng(0).standard_normal(s.shape, np.float32) * 0.02)
+                   for name, s in model.expected_shapes(config).items()]
+        os.makedirs(os.path.join(tmp, "ckpt"))
+        model.write_safetensors(os.path.join(tmp, "ckpt", "params.safetensors"), entries)
+        with open(os.path.join(tmp, "ckpt", "config.json"), "w") as f:
+            json.dump(dataclasses.asdict(config), f)
+        size_gb = os.path.getsize(os.path.join(tmp, "ckpt", "params.safetensors")) / 1e9
+        print("| command | checkpoint in | peak RSS | seconds |\n|---|---|---|---|")
+        for command, source in [(["to-hf", "ckpt", "hf", "--dtype", "bfloat16"], size_gb),
+                                (["from-hf", "hf", "back"], size_gb / 2)]:
+            code = ("import resource, sys, time; sys.argv = ['convert_hf.py'] + sys.argv[1:]; start = time.time(); "
+                    "import convert_hf; convert_hf.main(); "
+                    "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.time() - start)")
+            out = subprocess.run([sys.executable, "-c", code, *command], cwd=tmp, capture_output=True, text=True,
+                                 env={**os.environ, "PYTHONPATH": HERE})
+            peak_kb, seconds = next(line.split()[1:] for line in out.stdout.splitlines() if line.startswith("PEAK"))
+            print(f"| {' '.join(command[:1] + command[3:])} | {source:.2f} GB | {int(peak_kb) / 1e6:.2f} GB | {float(seconds):.0f} |")
+
+
+SECTIONS = {"vqgan": bench_vqgan, "tokenize": bench_tokenize, "train": bench_train, "sample": bench_sample,
+            "convert": bench_convert}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated: {', '.join(SECTIONS)}")
+    args = p.parse_args()
+    torch.set_num_threads(os.cpu_count())
+    print(f"# lvm-jax bench: {os.cpu_count()} CPU cores, jax {jax.__version__}, torch {torch.__version__}")
+    for name in args.sections.split(","):
+        SECTIONS[name]()
+
+
+if __name__ == "__main__":
+    main()
