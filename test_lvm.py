@@ -907,3 +907,29 @@ def test_hf_folder_samples_a_grid_and_bad_inputs(tmp_path, tiny_vqgan, capsys):
         with pytest.raises(SystemExit):
             sample.main([*common, *argv])
         assert message in capsys.readouterr().err
+
+
+def test_two_processes_train_in_lockstep_like_one(tmp_path):
+    """jax.distributed with two local CPU processes of 2 devices each (mesh 1,4,1) = one process
+    with 4 devices and the same global batch."""
+    import socket
+    import subprocess
+    import sys
+    data = copy_corpus(tmp_path / "copy.jsonl", lines=100)
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    argv = train_args(data, tmp_path / "multi", "--steps", "6", "--save_every", "6", "--mesh", "1,4,1",
+                      "--distributed", "--coordinator", f"localhost:{port}", "--num_processes", "2")
+    procs = [subprocess.Popen([sys.executable, "train.py", *argv, "--process_id", str(i)], cwd=HERE, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    train.main(train_args(data, tmp_path / "single", "--steps", "6", "--save_every", "6", "--mesh", "1,4,1"))
+    multi, single = read_metrics(tmp_path / "multi"), read_metrics(tmp_path / "single")
+    assert len(multi) == len(single) == 6
+    np.testing.assert_allclose([m["loss"] for m in multi], [m["loss"] for m in single], atol=1e-5, rtol=0)
+    _, multi_params = model.load_checkpoint(tmp_path / "multi" / "step_00000006")
+    _, single_params = model.load_checkpoint(tmp_path / "single" / "step_00000006")
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0), multi_params, single_params)

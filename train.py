@@ -288,8 +288,7 @@ def compile_only(args, config, optimizer, mesh):
 def main(argv=None):
     args = parse_args(argv)
     if args.distributed or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
-        if jax.default_backend() == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU runs; GPUs/TPUs ignore it
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     config = dataclasses.replace(model.CONFIGS[args.size], dtype=args.dtype, remat=args.remat)
     if args.seq_len > config.max_seq:
