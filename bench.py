@@ -10,7 +10,6 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -146,7 +145,6 @@ def bench_vqgan(batch=8, repeats=2):
     print("| | ours images/s | diffusers images/s | ratio |\n|---|---|---|---|")
     for name, ours_s, torch_s in rows:
         print(f"| {name} | {batch / ours_s:.2f} | {batch / torch_s:.2f} | {torch_s / ours_s:.2f}x |")
-    return folder
 
 
 def bench_tokenize(images=32):
@@ -191,9 +189,11 @@ def bench_convert(size="1b"):
         print("| command | checkpoint in | peak RSS | seconds |\n|---|---|---|---|")
         for command, source in [(["to-hf", "ckpt", "hf", "--dtype", "bfloat16"], size_gb),
                                 (["from-hf", "hf", "back"], size_gb / 2)]:
-            code = ("import resource, sys, time; sys.argv = ['convert_hf.py'] + sys.argv[1:]; start = time.time(); "
+            # VmHWM: this process's peak RSS (ru_maxrss would carry over the parent's from before exec)
+            code = ("import sys, time; sys.argv = ['convert_hf.py'] + sys.argv[1:]; start = time.time(); "
                     "import convert_hf; convert_hf.main(); "
-                    "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, time.time() - start)")
+                    "peak = next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')); "
+                    "print('PEAK', peak, time.time() - start)")
             out = subprocess.run([sys.executable, "-c", code, *command], cwd=tmp, capture_output=True, text=True,
                                  env={**os.environ, "PYTHONPATH": HERE})
             peak_kb, seconds = next(line.split()[1:] for line in out.stdout.splitlines() if line.startswith("PEAK"))
