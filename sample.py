@@ -24,8 +24,6 @@ from tqdm import tqdm
 import model
 import vqgan
 
-TOKENS_PER_IMAGE = 256
-
 
 @dataclasses.dataclass(frozen=True)
 class Sampling:
@@ -62,7 +60,7 @@ def sample_token(logits, key, sampling):
 def generate_image(params, context, key, config, sampling):
     """context int32 (batch, seq) -> the next 256 tokens (batch, 256): one prefill, then a scan of
     decode steps over the fixed-size KV cache, all in one compiled call."""
-    logits, cache = model.prefill(params, context, config, context.shape[1] + TOKENS_PER_IMAGE)
+    logits, cache = model.prefill(params, context, config, context.shape[1] + vqgan.TOKENS_PER_IMAGE)
 
     def step(carry, key):
         logits, cache = carry
@@ -70,7 +68,7 @@ def generate_image(params, context, key, config, sampling):
         logits, cache = model.decode_step(params, token, cache, config)
         return (logits, cache), token
 
-    _, tokens = jax.lax.scan(step, (logits[:, -1], cache), jax.random.split(key, TOKENS_PER_IMAGE))
+    _, tokens = jax.lax.scan(step, (logits[:, -1], cache), jax.random.split(key, vqgan.TOKENS_PER_IMAGE))
     return tokens.T
 
 
@@ -90,8 +88,8 @@ def load_model(path, dtype, context_images, codes):
     config, params = model.load_checkpoint(path)
     if config.vocab < codes:
         raise ValueError(f"{path}: vocab {config.vocab} cannot hold the VQGAN's {codes} codes")
-    if context_images * TOKENS_PER_IMAGE > config.max_seq:
-        raise ValueError(f"{path}: --context {context_images} images needs {context_images * TOKENS_PER_IMAGE} "
+    if context_images * vqgan.TOKENS_PER_IMAGE > config.max_seq:
+        raise ValueError(f"{path}: --context {context_images} images needs {context_images * vqgan.TOKENS_PER_IMAGE} "
                          f"positions, the model has {config.max_seq}")
     config = dataclasses.replace(config, dtype=dtype)
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32 if dtype == "float32" else x.dtype), params)
@@ -135,7 +133,7 @@ def perplexity(params, config, vq, jobs_file, context_images):
         tokens = vqgan.encode(*vq, np.stack(images)).reshape(-1)
         logits = prefill(params, jnp.asarray(tokens[None, :-1]), config, len(tokens) - 1)[0][0]
         nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.asarray(tokens[1:, None]), axis=-1)[:, 0]
-        start = len(job["input"]) * TOKENS_PER_IMAGE - 1  # predictions of the first target token onwards
+        start = len(job["input"]) * vqgan.TOKENS_PER_IMAGE - 1  # predictions of the first target token onwards
         results.append(float(jnp.exp(jnp.mean(nll[start:]))))
         tqdm.write(f"line {number}: perplexity {results[-1]:.3f}")
     if not results:
@@ -210,7 +208,7 @@ def main(argv=None):
             tokens = generate(params, config, prompt, 1 if output else args.new_images,
                               1 if output else args.candidates, args.context, sampling, key)
             seconds = time.perf_counter() - start
-            drawn = vqgan.decode(*vq, tokens.reshape(-1, TOKENS_PER_IMAGE)).reshape(*tokens.shape[:2], 256, 256, 3)
+            drawn = vqgan.decode(*vq, tokens.reshape(-1, vqgan.TOKENS_PER_IMAGE)).reshape(*tokens.shape[:2], 256, 256, 3)
             print(f"{tokens.size} tokens in {seconds:.2f}s: {tokens.size / seconds:.1f} tokens/s, "
                   f"{seconds / tokens.shape[1]:.2f} s per image (first call includes compilation)")
             if output:

@@ -27,7 +27,6 @@ from tqdm import tqdm
 import vqgan
 
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
-TOKENS_PER_IMAGE = 256
 
 
 # ---------------------------------------------------------------------------------------------
@@ -89,10 +88,10 @@ def sequence_jobs(args):
     """Clips: subfolders of frames, a folder of frames, or video files -> windows of --frames."""
     jobs, clips = [], []
     for root in args.input:
-        entries = [root] if os.path.isfile(root) else sorted(
-            (os.path.join(root, d) for d in os.listdir(root)), key=vqgan.natural_key)
-        if os.path.isdir(root) and vqgan.list_images(root):
+        if os.path.isfile(root) or vqgan.list_images(root):  # a video file or one folder of frames
             entries = [root]
+        else:  # a folder of clips
+            entries = sorted((os.path.join(root, d) for d in os.listdir(root)), key=vqgan.natural_key)
         for entry in entries:
             if os.path.isdir(entry):
                 frames = [image_job(p) for p in vqgan.list_images(entry)][::args.stride]
@@ -199,7 +198,7 @@ def load_job(job, seed, index):
 
 def encode_jobs(jobs, params, config, tokens_file, args):
     """-> (memmap (jobs, 256) int32, valid flags). Unreadable images are flagged, not fatal."""
-    tokens = np.lib.format.open_memmap(tokens_file, mode="w+", dtype=np.int32, shape=(len(jobs), TOKENS_PER_IMAGE))
+    tokens = np.lib.format.open_memmap(tokens_file, mode="w+", dtype=np.int32, shape=(len(jobs), vqgan.TOKENS_PER_IMAGE))
     valid = np.zeros(len(jobs), bool)
     window = collections.deque()
     start, load_seconds = time.perf_counter(), 0.0
@@ -266,7 +265,7 @@ def make_sentences(args):
     finally:
         if os.path.exists(tokens_file):
             os.remove(tokens_file)
-    print(f"wrote {count} sentences ({sum(map(len, sentences)) * TOKENS_PER_IMAGE} tokens) to {args.output}")
+    print(f"wrote {count} sentences ({sum(map(len, sentences)) * vqgan.TOKENS_PER_IMAGE} tokens) to {args.output}")
     if bad:
         print(f"skipped {len(bad)} unreadable images: {', '.join(bad[:20])}{' ...' if len(bad) > 20 else ''}")
 
@@ -309,10 +308,10 @@ def show(args):
         else:
             raise ValueError(f"{args.input[0]}: has no line {args.line}")
     tokens = np.frombuffer(base64.b64decode(json.loads(line)["tokens"]), "<i4")
-    if tokens.size % TOKENS_PER_IMAGE:
+    if tokens.size % vqgan.TOKENS_PER_IMAGE:
         raise ValueError(f"{args.input[0]}: line {args.line} has {tokens.size} tokens, not a multiple of 256")
     params, config = vqgan.load_vqgan(args.vqgan)
-    images = vqgan.decode(params, config, tokens.reshape(-1, TOKENS_PER_IMAGE))
+    images = vqgan.decode(params, config, tokens.reshape(-1, vqgan.TOKENS_PER_IMAGE))
     columns = min(args.columns, len(images))
     rows = -(-len(images) // columns)
     grid = np.ones((rows * 256, columns * 256, 3), np.float32)

@@ -26,6 +26,7 @@ from safetensors.numpy import load_file
 from tqdm import tqdm
 
 IMAGE_SIZE = 256
+TOKENS_PER_IMAGE = (IMAGE_SIZE // 16) ** 2  # the encoder downsamples by 16
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
