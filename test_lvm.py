@@ -933,3 +933,13 @@ def test_two_processes_train_in_lockstep_like_one(tmp_path):
     _, multi_params = model.load_checkpoint(tmp_path / "multi" / "step_00000006")
     _, single_params = model.load_checkpoint(tmp_path / "single" / "step_00000006")
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0), multi_params, single_params)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, capsys):
+    data = copy_corpus(tmp_path / "copy.jsonl", lines=30)
+    with pytest.raises(SystemExit, match=r"loss is \S+, gradient norm nan at step \d+; stopping. The last good checkpoint is .*step_00000002"):
+        train.main(train_args(data, tmp_path / "run", "--steps", "10", "--save_every", "2", "--warmup", "1",
+                              "--lr", "1e38", "--end_lr", "1e38"))
+    assert [os.path.basename(p) for p in train.checkpoints(tmp_path / "run")] == ["step_00000002"]
+    _, params = model.load_checkpoint(tmp_path / "run" / "step_00000002")
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))

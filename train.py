@@ -338,18 +338,26 @@ def main(argv=None):
             batch = global_batch([inputs.reshape(shape), targets.reshape(shape)], mesh, args.batch_size)
             params, opt_state, metrics = train_step(params, opt_state, *batch)
             step += 1
-            if step % args.log_every == 0 or step == args.steps:
-                loss = float(metrics["loss"])
-                if not math.isfinite(loss):
-                    raise SystemExit(f"error: loss is {loss} at step {step}; stopping. The last good "
-                                     f"checkpoint is {(checkpoints(args.out) or ['(none)'])[-1]}")
+            bar.update(1)
+            last = step == args.steps
+            evaluating = bool(args.eval_data) and (step % args.eval_every == 0 or last)
+            saving = step % args.save_every == 0 or last
+            logging = step % args.log_every == 0 or last or evaluating
+            if not (logging or saving):
+                continue  # no host sync: the next step is dispatched while this one runs
+            loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
+            if not math.isfinite(loss + grad_norm):  # checked before any save, so checkpoints stay good
+                bar.close()
+                raise SystemExit(f"error: loss is {loss}, gradient norm {grad_norm} at step {step}; stopping. The last good "
+                                 f"checkpoint is {(checkpoints(args.out) or ['(none)'])[-1]}")
+            if logging:
                 now = time.perf_counter()
                 seconds = (now - last_time) / (step - last_step)
                 last_time, last_step = now, step
                 record = {"step": step, "loss": loss, "lr": float(schedule(step - 1)),
-                          "grad_norm": float(metrics["grad_norm"]), "tokens_per_sec": tokens_per_step / seconds,
+                          "grad_norm": grad_norm, "tokens_per_sec": tokens_per_step / seconds,
                           "mfu": flops_per_step / seconds / (peak * jax.device_count()) if peak else None}
-                if args.eval_data and (step % args.eval_every == 0 or step == args.steps):
+                if evaluating:
                     record["eval_loss"] = evaluate(eval_step, params, args, config, mesh)
                     record["eval_perplexity"] = math.exp(record["eval_loss"])
                 if jax.process_index() == 0:
@@ -358,8 +366,7 @@ def main(argv=None):
                 mfu = f"{record['mfu']:.1%}" if record["mfu"] is not None else "n/a"
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{record['lr']:.2e}",
                                 tok_s=f"{record['tokens_per_sec']:.0f}", mfu=mfu)
-            bar.update(1)
-            if step % args.save_every == 0 or step == args.steps:
+            if saving:
                 save(args.out, step, config, params, opt_state, stream.position, args.keep)
     bar.close()
     if stream.bad_lines:
