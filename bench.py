@@ -122,14 +122,19 @@ def bench_sample(sizes=("debug", "100m"), batches=(1, 4), prompt_images=3, repea
                   f"{torch_s / ours_s:.2f}x |")
 
 
-def bench_vqgan(batch=8, repeats=2):
+def released_vqmodel():
+    """diffusers VQModel with the released LVM tokenizer's shape (aMUSEd's VQGAN), random weights."""
     import diffusers
-    print(f"\n## vqgan: released config (146M params), batch {batch}, float32, CPU")
     torch.manual_seed(0)
-    vq = diffusers.VQModel(block_out_channels=(128, 256, 256, 512, 768), down_block_types=("DownEncoderBlock2D",) * 5,
-                           up_block_types=("UpDecoderBlock2D",) * 5, layers_per_block=2, latent_channels=64,
-                           num_vq_embeddings=8192, vq_embed_dim=64, mid_block_add_attention=False,
-                           lookup_from_codebook=True).eval()
+    return diffusers.VQModel(block_out_channels=(128, 256, 256, 512, 768), down_block_types=("DownEncoderBlock2D",) * 5,
+                             up_block_types=("UpDecoderBlock2D",) * 5, layers_per_block=2, latent_channels=64,
+                             num_vq_embeddings=8192, vq_embed_dim=64, mid_block_add_attention=False,
+                             lookup_from_codebook=True).eval()
+
+
+def bench_vqgan(batch=8, repeats=2):
+    print(f"\n## vqgan: released config (146M params), batch {batch}, float32, CPU")
+    vq = released_vqmodel()
     with tempfile.TemporaryDirectory() as folder:
         vq.save_pretrained(folder)
         params, config = vqgan.load_vqgan(folder)
@@ -149,12 +154,8 @@ def bench_vqgan(batch=8, repeats=2):
 
 def bench_tokenize(images=32):
     """tokenize_data.py end to end on the example photos with a random released-config VQGAN."""
-    import diffusers
     print(f"\n## tokenize_data: colorization sentences from {images} photo loads, released VQGAN config, CPU")
-    torch.manual_seed(0)
-    vq = diffusers.VQModel(block_out_channels=(128, 256, 256, 512, 768), down_block_types=("DownEncoderBlock2D",) * 5,
-                           up_block_types=("UpDecoderBlock2D",) * 5, layers_per_block=2, latent_channels=64,
-                           num_vq_embeddings=8192, vq_embed_dim=64, mid_block_add_attention=False)
+    vq = released_vqmodel()
     photos = sorted(os.path.join(HERE, "images", f) for f in os.listdir(os.path.join(HERE, "images")) if f.endswith(".jpg"))
     with tempfile.TemporaryDirectory() as tmp:
         vq.save_pretrained(os.path.join(tmp, "vq"))

@@ -8,7 +8,6 @@ are stacked: conversion is a transpose and a stack/unstack, nothing else (same R
     python convert_hf.py from-hf HF_DIR OUT_CKPT
 """
 import argparse
-import dataclasses
 import json
 import os
 import re
@@ -47,7 +46,7 @@ def hf_config(config, dtype):
 def to_hf(ckpt, out, dtype="bfloat16", shard_size=5 * 10 ** 9):
     """Our checkpoint -> HF folder: config.json and model.safetensors, or
     model-0000k-of-0000n.safetensors shards + model.safetensors.index.json above shard_size."""
-    config = load_config(ckpt)
+    config = model.read_config(ckpt)
     target = np.dtype(DTYPES[dtype])
     weights = os.path.join(ckpt, "params.safetensors")
     with safe_open(weights, framework="numpy") as f:
@@ -89,23 +88,12 @@ def to_hf(ckpt, out, dtype="bfloat16", shard_size=5 * 10 ** 9):
     return config
 
 
-def load_config(ckpt):
-    config_file = os.path.join(ckpt, "config.json")
-    if not os.path.isfile(os.path.join(ckpt, "params.safetensors")) or not os.path.isfile(config_file):
-        raise ValueError(f"{ckpt}: not a model.py checkpoint (needs config.json and params.safetensors)")
-    with open(config_file) as f:
-        return model.Config(**json.load(f))
-
-
 def from_hf(folder, out):
     """HF LlamaForCausalLM folder (single or sharded safetensors, any float dtype) -> our
     checkpoint, keeping the stored dtype. Each stacked tensor is read and written on its own."""
-    config, tensors = model.hf_tensors(folder)
+    config, entries = model.hf_tensors(folder)
     with model.atomic_dir(out) as tmp:
-        entries = [(name, shape, dtype, make) for name, (shape, dtype, make) in tensors.items()]
-        model.write_safetensors(os.path.join(tmp, "params.safetensors"), entries)
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(dataclasses.asdict(config), f, indent=2)
+        model.write_checkpoint_files(tmp, config, entries)
     return config
 
 

@@ -398,8 +398,12 @@ def write_safetensors(path, entries, metadata=None):
             f.write(array.reshape(-1).view(np.uint8).data)  # bytes view: numpy cannot export bf16
 
 
-def write_checkpoint_files(folder, config, params):
-    entries = [(name, x.shape, x.dtype, partial(to_host, x)) for name, x in flatten(params)]
+def tensor_entries(params):
+    """A params tree as write_safetensors entries, each gathered to the host only when written."""
+    return [(name, x.shape, x.dtype, partial(to_host, x)) for name, x in flatten(params)]
+
+
+def write_checkpoint_files(folder, config, entries):
     write_safetensors(os.path.join(folder, "params.safetensors"), entries)
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(config), f, indent=2)
@@ -407,7 +411,7 @@ def write_checkpoint_files(folder, config, params):
 
 def save_checkpoint(path, config, params):
     with atomic_dir(path) as tmp:
-        write_checkpoint_files(tmp, config, params)
+        write_checkpoint_files(tmp, config, tensor_entries(params))
 
 
 
@@ -416,8 +420,8 @@ def load_checkpoint(path):
     Hugging Face LlamaForCausalLM folder (such as the released LVM 7B)."""
     path = str(path)
     if is_hf_folder(path):
-        config, tensors = hf_tensors(path)
-        flat = {name: make() for name, (_, _, make) in tensors.items()}
+        config, entries = hf_tensors(path)
+        flat = {name: make() for name, _, _, make in entries}
     else:
         config, flat = load_own_checkpoint(path)
     params = {}
@@ -434,15 +438,22 @@ def expected_shapes(config):
     return dict(flatten(jax.eval_shape(partial(init_params, config), jax.random.key(0))))
 
 
-def load_own_checkpoint(path):
-    config_file, weights_file = os.path.join(path, "config.json"), os.path.join(path, "params.safetensors")
-    for f in (config_file, weights_file):
-        if not os.path.isfile(f):
-            raise ValueError(f"{path}: not a checkpoint folder ({os.path.basename(f)} is missing)")
+def read_config(path):
+    """The Config of a model.py checkpoint folder, checking that its weights file is there."""
+    for name in ("config.json", "params.safetensors"):
+        if not os.path.isfile(os.path.join(path, name)):
+            raise ValueError(f"{path}: not a model.py checkpoint folder ({name} is missing)")
     try:
-        with open(config_file) as f:
-            config = Config(**json.load(f))
-        flat = load_file(weights_file)
+        with open(os.path.join(path, "config.json")) as f:
+            return Config(**json.load(f))
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path}/config.json: unreadable ({e})") from None
+
+
+def load_own_checkpoint(path):
+    config = read_config(path)
+    try:
+        flat = load_file(os.path.join(path, "params.safetensors"))
     except Exception as e:
         raise ValueError(f"{path}: unreadable checkpoint ({e})") from None
     expected = expected_shapes(config)
@@ -508,8 +519,8 @@ def config_from_hf(folder, hf):
 
 def hf_tensors(folder):
     """HF LlamaForCausalLM folder (single or sharded safetensors, any float dtype) ->
-    (Config, {our name: (shape, dtype, make)}): make() reads and stacks one of our tensors, so a
-    caller can hold one tensor at a time."""
+    (Config, write_safetensors entries (our name, shape, dtype, make)): make() reads and stacks one
+    of our tensors, so a caller can hold one tensor at a time."""
     config_file = os.path.join(folder, "config.json")
     if not os.path.isfile(config_file):
         raise ValueError(f"{folder}: no config.json (expected a Hugging Face model folder)")
@@ -548,7 +559,7 @@ def hf_tensors(folder):
         return array
 
     dtype = read(HF_NAMES["embed"][0], False).dtype
-    return config, {name: (s.shape, dtype, partial(make, name)) for name, s in expected.items()}
+    return config, [(name, s.shape, dtype, partial(make, name)) for name, s in expected.items()]
 
 
 def main():

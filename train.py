@@ -10,6 +10,7 @@ A step is one optimizer update over accum x batch_size sequences of seq_len toke
 import argparse
 import base64
 import binascii
+import contextlib
 import dataclasses
 import glob
 import json
@@ -99,6 +100,9 @@ class TokenStream:
         self.bad_lines, self.on_bad_line = 0, on_bad_line
         self.wrapped = self.found_valid = False
         self.file.seek(self.next_offset)
+
+    def close(self):
+        self.file.close()
 
     @property
     def position(self):
@@ -213,13 +217,12 @@ def global_batch(arrays, mesh, rows):
 
 def save(out, step, config, params, opt_state, data_position, keep):
     host_params = jax.tree.map(model.to_host, params)  # collective: every process takes part
-    host_opt = [model.to_host(x) for x in jax.tree.leaves(opt_state)]
+    host_opt = {str(i): model.to_host(x) for i, x in enumerate(jax.tree.leaves(opt_state))}
     if jax.process_index() != 0:
         return
     with model.atomic_dir(os.path.join(out, f"step_{step:08d}")) as tmp:
-        model.write_checkpoint_files(tmp, config, host_params)
-        model.write_safetensors(os.path.join(tmp, "opt_state.safetensors"),
-                                [(str(i), x.shape, x.dtype, lambda x=x: x) for i, x in enumerate(host_opt)])
+        model.write_checkpoint_files(tmp, config, model.tensor_entries(host_params))
+        model.write_safetensors(os.path.join(tmp, "opt_state.safetensors"), model.tensor_entries(host_opt))
         with open(os.path.join(tmp, "train_state.json"), "w") as f:
             json.dump({"step": step, "data_offset": int(data_position[0]), "data_skip": int(data_position[1])}, f)
     for old in checkpoints(out)[:-keep]:
@@ -250,11 +253,13 @@ def restore(path, config, optimizer, shardings):
 
 
 def evaluate(eval_step, params, args, config, mesh):
+    """Mean loss over the first --eval_batches batches of --eval_data (the same ones every time)."""
     stream = TokenStream(args.eval_data, args.batch_size, args.seq_len, config.vocab, on_bad_line=lambda m: None)
     losses = []
-    for _ in range(args.eval_batches):
-        inputs, targets = global_batch([a[None] for a in stream.next_batch()], mesh, args.batch_size)
-        losses.append(float(eval_step(params, inputs[0], targets[0])))
+    with contextlib.closing(stream):
+        for _ in range(args.eval_batches):
+            inputs, targets = global_batch([a[None] for a in stream.next_batch()], mesh, args.batch_size)
+            losses.append(float(eval_step(params, inputs[0], targets[0])))
     return float(np.mean(losses))
 
 
@@ -369,6 +374,7 @@ def main(argv=None):
             if saving:
                 save(args.out, step, config, params, opt_state, stream.position, args.keep)
     bar.close()
+    stream.close()
     if stream.bad_lines:
         log(f"skipped {stream.bad_lines} malformed lines in {args.data}")
     return params
