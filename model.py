@@ -529,12 +529,19 @@ def hf_tensors(folder):
     index_file = os.path.join(folder, "model.safetensors.index.json")
     if os.path.isfile(index_file):
         with open(index_file) as f:
-            weight_map = json.load(f)["weight_map"]
+            index = json.load(f)
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
     elif os.path.isfile(os.path.join(folder, "model.safetensors")):
         with safe_open(os.path.join(folder, "model.safetensors"), framework="numpy") as f:
             weight_map = {name: "model.safetensors" for name in f.keys()}
     else:
         raise ValueError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index_file}: weight_map is not an object")
+    for name, shard in weight_map.items():  # the index is untrusted: it must not point outside the folder
+        if not (isinstance(shard, str) and shard == os.path.basename(shard) and shard not in ("", ".", "..")
+                and "\\" not in shard and os.path.isfile(os.path.join(folder, shard))):
+            raise ValueError(f"{folder}: shard {shard!r} of {name} is not a file name inside the model folder")
     handles = {}
 
     def read(name, transpose):

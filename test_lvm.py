@@ -5,6 +5,7 @@ import os
 os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 
 import dataclasses
+import json
 import re
 
 import jax
@@ -400,6 +401,164 @@ def test_pickle_with_other_globals_is_refused(tmp_path):
     assert not marker.exists()
 
 
+def pickle_op(value):
+    """One value's pickle opcodes (protocol 2), without the PROTO header and STOP."""
+    import pickle
+    return pickle.dumps(value, 2)[2:-1]
+
+
+def torch_zip(path, tensors, storages, compress=False):
+    """A torch.save-style zip written by hand (no torch): tensors {name: (key, offset, size,
+    stride)} over float32 storages {key: (declared elements, float32 data or None: no entry)}."""
+    import zipfile
+    body = b"\x80\x02}("  # PROTO 2, EMPTY_DICT, MARK
+    for name, (key, offset, size, stride) in tensors.items():
+        numel = storages[key][0]
+        storage = b"(" + pickle_op("storage") + b"ctorch\nFloatStorage\n" + pickle_op(key) + pickle_op("cpu") \
+            + pickle_op(numel) + b"tQ"  # TUPLE, BINPERSID
+        body += pickle_op(name) + b"ctorch._utils\n_rebuild_tensor_v2\n(" + storage + pickle_op(offset) \
+            + pickle_op(tuple(size)) + pickle_op(tuple(stride)) + pickle_op(False) \
+            + b"ccollections\nOrderedDict\n)RtR"  # backward hooks, TUPLE, REDUCE
+    body += b"u."  # SETITEMS, STOP
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED if compress else zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data.pkl", body)
+        z.writestr("archive/byteorder", "little")
+        z.writestr("archive/version", "3\n")
+        for key, (_, data) in storages.items():
+            if data is not None:
+                z.writestr(f"archive/data/{key}", np.asarray(data, "<f4").tobytes())
+    return path
+
+
+def load_in_subprocess(code, cwd=HERE, timeout=120):
+    """Run loader code in a fresh python: a crash is seen as a crash, not as a dead test run."""
+    import subprocess
+    import sys
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+STORAGE = {"0": (4, [1.0, 2.0, 3.0, 4.0])}
+
+
+@pytest.mark.parametrize("tensor, storages, message", [
+    (("0", 0, (4096,), (1,)), STORAGE, r"size \(4096,\), stride \(1,\), offset 0 reach element 4095 of a storage of 4"),
+    (("0", 0, (50_000_000,), (1,)), STORAGE, "reach element 49999999 of a storage of 4"),
+    (("0", 3, (2,), (1,)), STORAGE, "offset 3 reach element 4 of a storage of 4"),
+    (("0", -2, (2,), (1,)), STORAGE, r"bad tensor layout \(size \(2,\), stride \(1,\), offset -2\)"),
+    (("0", 0, (2, 2), (3, 1)), STORAGE, "reach element 4 of a storage of 4"),
+    (("0", 2, (2,), (-1,)), STORAGE, "bad tensor layout"),
+    (("0", 0, (2, 2), (1,)), STORAGE, "bad tensor layout"),
+    (("0", 0, (4,), (1,)), {"0": (400, [1.0, 2.0, 3.0, 4.0])}, "declares 400 elements .1600 bytes., its zip entry holds 16"),
+    (("1", 0, (4,), (1,)), {"1": (4, [1.0, 2.0, 3.0, 4.0])}, None),
+])
+def test_pickled_tensor_layouts_are_checked_before_any_read(tmp_path, tensor, storages, message):
+    path = torch_zip(tmp_path / "weights.bin", {"encoder.conv_in.weight": tensor}, storages)
+    result = load_in_subprocess("import sys, vqgan\n"
+                                f"try:\n    print(vqgan.read_torch_state_dict({str(path)!r})['encoder.conv_in.weight'].tolist())\n"
+                                "except ValueError as e:\n    sys.exit(f'refused: {e}')")
+    if message is None:
+        assert result.returncode == 0 and result.stdout.strip() == "[1.0, 2.0, 3.0, 4.0]", result.stderr
+    else:
+        assert result.returncode == 1, (result.returncode, result.stderr[-500:])  # refused, not crashed
+        line = result.stderr.strip()
+        assert line.startswith("refused: ") and re.search(message, line), line
+        assert ("storage 0" if "declares" in message else "encoder.conv_in.weight") in line
+
+
+def test_random_layouts_load_what_torch_loads_or_are_refused(tmp_path):
+    import torch
+    rng = np.random.default_rng(0)
+    data = np.arange(1, 13, dtype=np.float32)  # 12 elements, none zero: a read past the end shows
+    outcomes = {"same": 0, "both refused": 0}
+    for trial in range(300):
+        ndim = int(rng.integers(1, 4))
+        size = tuple(int(s) for s in rng.integers(0, 5, ndim))
+        stride = tuple(int(s) for s in rng.integers(-1, 6, ndim))
+        offset = int(rng.integers(-2, 14))
+        path = torch_zip(tmp_path / f"{trial}.bin", {"t": ("0", offset, size, stride)}, {"0": (12, data)})
+        try:
+            ours = vqgan.read_torch_state_dict(path)["t"]
+        except ValueError:
+            ours = None
+        try:
+            theirs = torch.load(path, weights_only=True)["t"].numpy()
+        except Exception:
+            theirs = None
+        if ours is None or theirs is None:
+            assert ours is None, (size, stride, offset, "loaded what torch refuses")
+            outcomes["both refused" if theirs is None else "same"] += theirs is None
+            continue
+        assert ours.shape == theirs.shape and np.array_equal(ours, theirs), (size, stride, offset)
+        assert set(ours.ravel()) <= set(data)  # never a value from outside the storage
+        outcomes["same"] += 1
+    assert outcomes["same"] > 50 and outcomes["both refused"] > 50, outcomes
+
+
+def test_zip_bomb_is_refused_before_it_is_decompressed(tmp_path):
+    import zipfile
+    path = tmp_path / "bomb.bin"
+    declared = 2 ** 28  # floats: 1 GiB of zeros deflates to about 1 MB
+    torch_zip(path, {"t": ("0", 0, (4,), (1,))}, {"0": (declared, None)})
+    with zipfile.ZipFile(path, "a", zipfile.ZIP_DEFLATED) as z, z.open("archive/data/0", "w", force_zip64=True) as f:
+        for _ in range(declared * 4 // 2 ** 24):
+            f.write(bytes(2 ** 24))
+    assert path.stat().st_size < 8 * 2 ** 20
+    result = load_in_subprocess("import re, vqgan\n"
+                                f"try:\n    vqgan.read_torch_state_dict({str(path)!r})\n"
+                                "except ValueError as e:\n    print(e)\n"
+                                "print(re.search(r'VmHWM:\\s*(\\d+)', open('/proc/self/status').read())[1])")
+    message, peak_kb = result.stdout.strip().splitlines()
+    assert "refusing a zip bomb" in message and "tensors need 16" in message
+    assert int(peak_kb) < 1024 * 1024  # the 1 GiB was never expanded
+
+
+def muse_config(**change):
+    config = {"resolution": 256, "num_channels": 3, "hidden_channels": 32, "channel_mult": [1, 1, 2, 2, 2],
+              "num_res_blocks": 1, "attn_resolutions": [], "no_attn_mid_block": True, "z_channels": 8,
+              "num_embeddings": 64, "quantized_embed_dim": 8}
+    return {**config, **change}
+
+
+@pytest.mark.parametrize("config, message", [
+    (muse_config(num_res_blocks=10_000_000), r"num_res_blocks must be an integer in \[1, 16\], got 10000000"),
+    (muse_config(attn_resolutions=5), "attn_resolutions must be a list"),
+    ([1, 2, 3], "not a JSON object"),
+    (muse_config(hidden_channels="32"), "hidden_channels must be an integer"),
+    (muse_config(channel_mult=[1, 2, 4]), "channel_mult must be 5 integers"),
+    (muse_config(hidden_channels=48), "norm_num_groups 32 must divide every channel count"),
+    (muse_config(num_embeddings=1e12), "num_embeddings must be an integer"),
+])
+def test_vqgan_configs_are_validated_before_anything_is_built(tmp_path, config, message):
+    folder = tmp_path / "vq"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    torch_zip(folder / "pytorch_model.bin", {"t": ("0", 0, (4,), (1,))}, STORAGE)
+    result = load_in_subprocess("import sys, vqgan\n"
+                                f"try:\n    vqgan.load_vqgan({str(folder)!r})\n"
+                                "except ValueError as e:\n    sys.exit(str(e))", timeout=60)
+    assert result.returncode == 1 and re.search(message, result.stderr), result.stderr[-500:]
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("shard", ["../other/model.safetensors", "ABSOLUTE", "sub/model.safetensors", ".."])
+def test_hf_index_shards_must_be_files_in_the_model_folder(tmp_path, capsys, shard):
+    import sample
+    hf = hf_llama(DEBUG)
+    hf.save_pretrained(tmp_path / "other")
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="1MB")
+    shard = str(tmp_path / "other" / "model.safetensors") if shard == "ABSOLUTE" else shard
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = shard
+    (tmp_path / "hf" / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(SystemExit):
+        convert_hf.main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "out")])
+    assert f"shard {shard!r} of {first} is not a file name inside the model folder" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ValueError, match="is not a file name inside the model folder"):
+        sample.load_model(str(tmp_path / "hf"), "float32", 16, 8192)
+
+
 def test_vqgan_bad_checkpoints_give_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="no config.json"):
         vqgan.load_vqgan(tmp_path / "missing")
@@ -513,7 +672,6 @@ def test_convert_refuses_configs_it_cannot_represent(tmp_path, capsys):
 # train.py
 
 import base64
-import json
 
 import optax
 import train

@@ -9,6 +9,7 @@ Arrays are channels-last inside: images (N, 256, 256, 3) float32 in [0, 1].
 import argparse
 import collections
 import dataclasses
+import io
 import json
 import os
 import pickle
@@ -46,6 +47,7 @@ class VQConfig:
     dropout: float = 0.0
     resample_with_conv: bool = True
     commitment_cost: float = 0.25
+    norm_num_groups: int = 32  # muse's GroupNorm; diffusers' VQModel makes it a config field
 
     @property
     def levels(self):
@@ -67,7 +69,7 @@ def conv(p, name, x, stride=1, padding="SAME"):
     return y + p[f"{name}.bias"]
 
 
-def group_norm(p, name, x, groups=32, eps=1e-6):  # x (batch, h, w, channels)
+def group_norm(p, name, x, groups, eps=1e-6):  # x (batch, h, w, channels)
     B, H, W, C = x.shape
     g = x.reshape(B, H, W, groups, C // groups)
     mean = g.mean(axis=(1, 2, 4), keepdims=True)
@@ -76,28 +78,28 @@ def group_norm(p, name, x, groups=32, eps=1e-6):  # x (batch, h, w, channels)
     return g.reshape(B, H, W, C) * p[f"{name}.weight"] + p[f"{name}.bias"]
 
 
-def resnet_block(p, name, x):
-    h = conv(p, f"{name}.conv1", jax.nn.silu(group_norm(p, f"{name}.norm1", x)))
-    h = conv(p, f"{name}.conv2", jax.nn.silu(group_norm(p, f"{name}.norm2", h)))
+def resnet_block(p, config, name, x):
+    h = conv(p, f"{name}.conv1", jax.nn.silu(group_norm(p, f"{name}.norm1", x, config.norm_num_groups)))
+    h = conv(p, f"{name}.conv2", jax.nn.silu(group_norm(p, f"{name}.norm2", h, config.norm_num_groups)))
     if f"{name}.nin_shortcut.weight" in p:
         x = conv(p, f"{name}.nin_shortcut", x)
     return x + h
 
 
-def attn_block(p, name, x):
+def attn_block(p, config, name, x):
     """Single-head self-attention over all h*w positions, 1x1 convs for q, k, v, proj_out."""
     B, H, W, C = x.shape
-    h = group_norm(p, f"{name}.norm", x)
+    h = group_norm(p, f"{name}.norm", x, config.norm_num_groups)
     q, k, v = (conv(p, f"{name}.{n}", h).reshape(B, H * W, 1, C) for n in "qkv")
     out = jax.nn.dot_product_attention(q, k, v).reshape(B, H, W, C)  # scale 1/sqrt(C)
     return x + conv(p, f"{name}.proj_out", out)
 
 
 def mid_block(p, config, name, x):
-    x = resnet_block(p, f"{name}.block_1", x)
+    x = resnet_block(p, config, f"{name}.block_1", x)
     if not config.no_attn_mid_block:
-        x = attn_block(p, f"{name}.attn_1", x)
-    return resnet_block(p, f"{name}.block_2", x)
+        x = attn_block(p, config, f"{name}.attn_1", x)
+    return resnet_block(p, config, f"{name}.block_2", x)
 
 
 def encoder(p, config, x):
@@ -105,14 +107,14 @@ def encoder(p, config, x):
     for level in range(config.levels):
         attends = config.level_attends(level, config.num_res_blocks)
         for j in range(config.num_res_blocks):
-            h = resnet_block(p, f"encoder.down.{level}.block.{j}", h)
+            h = resnet_block(p, config, f"encoder.down.{level}.block.{j}", h)
             if attends:
-                h = attn_block(p, f"encoder.down.{level}.attn.{j}", h)
+                h = attn_block(p, config, f"encoder.down.{level}.attn.{j}", h)
         if level != config.levels - 1:  # pad right/bottom by one, 3x3 stride-2 conv, no padding
             h = jnp.pad(h, ((0, 0), (0, 1), (0, 1), (0, 0)))
             h = conv(p, f"encoder.down.{level}.downsample.conv", h, stride=2, padding="VALID")
     h = mid_block(p, config, "encoder.mid", h)
-    return conv(p, "encoder.conv_out", jax.nn.silu(group_norm(p, "encoder.norm_out", h)))
+    return conv(p, "encoder.conv_out", jax.nn.silu(group_norm(p, "encoder.norm_out", h, config.norm_num_groups)))
 
 
 def decoder(p, config, z):
@@ -120,12 +122,12 @@ def decoder(p, config, z):
     for level in reversed(range(config.levels)):
         attends = config.level_attends(level, config.num_res_blocks + 1)
         for j in range(config.num_res_blocks + 1):
-            h = resnet_block(p, f"decoder.up.{level}.block.{j}", h)
+            h = resnet_block(p, config, f"decoder.up.{level}.block.{j}", h)
             if attends:
-                h = attn_block(p, f"decoder.up.{level}.attn.{j}", h)
+                h = attn_block(p, config, f"decoder.up.{level}.attn.{j}", h)
         if level != 0:  # nearest x2, then a 3x3 conv
             h = conv(p, f"decoder.up.{level}.upsample.conv", jnp.repeat(jnp.repeat(h, 2, 1), 2, 2))
-    return conv(p, "decoder.conv_out", jax.nn.silu(group_norm(p, "decoder.norm_out", h)))
+    return conv(p, "decoder.conv_out", jax.nn.silu(group_norm(p, "decoder.norm_out", h, config.norm_num_groups)))
 
 
 @partial(jax.jit, static_argnums=1)
@@ -224,21 +226,22 @@ def save_image(path, pixels):
 
 TORCH_STORAGES = {"FloatStorage": np.float32, "HalfStorage": np.float16, "DoubleStorage": np.float64,
                   "BFloat16Storage": jnp.bfloat16, "LongStorage": np.int64, "IntStorage": np.int32}
+MAX_PICKLE_BYTES = 64 * 2 ** 20  # the released data.pkl is ~100 KB: a larger one is not a state dict
+MAX_COMPRESSION = 32  # torch.save stores entries uncompressed; weights compress far less than this
+
+# The pickle is untrusted: it only describes tensors (TensorRef) over storages (StorageRef); every
+# description is checked against the zip entry it names before any byte is read or viewed.
+StorageRef = collections.namedtuple("StorageRef", "key dtype numel")
+TensorRef = collections.namedtuple("TensorRef", "storage offset size stride")
 
 
 def rebuild_tensor(storage, offset, size, stride, *unused):
-    itemsize = storage.itemsize
-    return np.lib.stride_tricks.as_strided(storage[offset:], tuple(size),
-                                           tuple(s * itemsize for s in stride)).copy()
+    return TensorRef(storage, offset, size, stride)
 
 
 class StateDictUnpickler(pickle.Unpickler):
-    """Reads a `torch.save(state_dict)` zip without torch. Only the globals a plain state dict
+    """Reads a `torch.save(state_dict)` pickle without torch. Only the globals a plain state dict
     names are allowed: a pickle from the internet can otherwise run any code."""
-
-    def __init__(self, file, archive, prefix):
-        super().__init__(file)
-        self.archive, self.prefix, self.storages = archive, prefix, {}
 
     def find_class(self, module, name):
         if (module, name) == ("collections", "OrderedDict"):
@@ -250,26 +253,83 @@ class StateDictUnpickler(pickle.Unpickler):
         raise pickle.UnpicklingError(f"refusing to load global '{module}.{name}': not part of a plain state dict")
 
     def persistent_load(self, pid):
-        kind, storage_type, key, _location, _numel = pid
-        if kind != "storage" or storage_type not in TORCH_STORAGES:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and pid[1] in TORCH_STORAGES
+                and isinstance(pid[2], str) and type(pid[4]) is int and pid[4] >= 0):
             raise pickle.UnpicklingError(f"unsupported storage {pid!r}")
-        if key not in self.storages:
-            data = self.archive.read(f"{self.prefix}/data/{key}")
-            self.storages[key] = np.frombuffer(data, TORCH_STORAGES[storage_type])
-        return self.storages[key]
+        return StorageRef(pid[2], np.dtype(TORCH_STORAGES[pid[1]]), pid[4])
+
+
+def is_index(value):
+    return type(value) is int and value >= 0
+
+
+def elements_needed(name, ref):
+    """Storage elements a tensor reads (0 when empty), or a ValueError naming what is wrong."""
+    if not isinstance(ref, TensorRef) or not isinstance(ref.storage, StorageRef):
+        raise ValueError(f"{name}: not a tensor")
+    size, stride, offset = ref.size, ref.stride, ref.offset
+    if not (isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)
+            and all(map(is_index, size + stride)) and is_index(offset)):
+        raise ValueError(f"{name}: bad tensor layout (size {size!r}, stride {stride!r}, offset {offset!r})")
+    if 0 in size:
+        return 0
+    furthest = offset + sum((n - 1) * s for n, s in zip(size, stride))
+    if furthest >= ref.storage.numel:
+        raise ValueError(f"{name}: size {size}, stride {stride}, offset {offset} reach element {furthest} "
+                         f"of a storage of {ref.storage.numel}")
+    return furthest + 1
+
+
+def read_storage(archive, entry, storage, needed):
+    """The bytes of one storage, after checking its zip entry against what the tensors need."""
+    try:
+        info = archive.getinfo(entry)
+    except KeyError:
+        raise ValueError(f"storage {storage.key} is missing ({entry})") from None
+    nbytes = storage.numel * storage.dtype.itemsize
+    if info.file_size != nbytes:
+        raise ValueError(f"storage {storage.key} declares {storage.numel} elements ({nbytes} bytes), "
+                         f"its zip entry holds {info.file_size}")
+    if info.compress_type != zipfile.ZIP_STORED and (
+            nbytes > needed * storage.dtype.itemsize or nbytes > MAX_COMPRESSION * max(info.compress_size, 1)):
+        raise ValueError(f"storage {storage.key}: compressed entry of {info.compress_size} bytes would expand to "
+                         f"{nbytes} (tensors need {needed * storage.dtype.itemsize}): refusing a zip bomb")
+    with archive.open(info) as f:
+        data = f.read(nbytes)  # decompression stops at the declared size
+    if len(data) != nbytes:
+        raise ValueError(f"storage {storage.key}: {len(data)} bytes, expected {nbytes}")
+    return np.frombuffer(data, storage.dtype)
 
 
 def read_torch_state_dict(path):
+    """name -> numpy array from a torch.save(state_dict) zip, checked before anything is read."""
     with zipfile.ZipFile(path) as archive:
-        pickles = [n for n in archive.namelist() if n.endswith("/data.pkl")]
+        pickles = [info for info in archive.infolist() if info.filename.endswith("/data.pkl")]
         if not pickles:
             raise ValueError("no data.pkl inside (not a torch.save zip file)")
-        prefix = pickles[0][: -len("/data.pkl")]
+        if pickles[0].file_size > MAX_PICKLE_BYTES:
+            raise ValueError(f"data.pkl declares {pickles[0].file_size} bytes: not a state dict")
+        prefix = pickles[0].filename[: -len("/data.pkl")]
         with archive.open(pickles[0]) as f:
-            state = StateDictUnpickler(f, archive, prefix).load()
-    if not isinstance(state, dict):
-        raise ValueError("the pickle holds no state dict")
-    return dict(state)
+            state = StateDictUnpickler(io.BytesIO(f.read(MAX_PICKLE_BYTES))).load()
+        if not isinstance(state, dict) or not all(isinstance(name, str) for name in state):
+            raise ValueError("the pickle holds no state dict of named tensors")
+        needed = {}  # storage -> elements its tensors read
+        for name, ref in state.items():
+            count = elements_needed(name, ref)
+            needed[ref.storage] = max(needed.get(ref.storage, 0), count)
+        if len({s.key for s in needed}) != len(needed):
+            raise ValueError("one storage key is declared with two types or sizes")
+        storages = {s: read_storage(archive, f"{prefix}/data/{s.key}", s, n) for s, n in needed.items()}
+    arrays = {}
+    for name, ref in state.items():
+        storage = storages[ref.storage]
+        if 0 in ref.size:
+            arrays[name] = np.zeros(ref.size, storage.dtype)
+            continue
+        arrays[name] = np.lib.stride_tricks.as_strided(  # in bounds: checked by elements_needed
+            storage[ref.offset:], ref.size, tuple(s * storage.itemsize for s in ref.stride)).copy()
+    return arrays
 
 
 def diffusers_to_muse(config_dict, state):
@@ -286,7 +346,8 @@ def diffusers_to_muse(config_dict, state):
               "no_attn_mid_block": not config_dict.get("mid_block_add_attention", True),
               "z_channels": config_dict.get("latent_channels", 3),
               "num_embeddings": config_dict.get("num_vq_embeddings", 256),
-              "quantized_embed_dim": config_dict.get("vq_embed_dim") or config_dict.get("latent_channels", 3)}
+              "quantized_embed_dim": config_dict.get("vq_embed_dim") or config_dict.get("latent_channels", 3),
+              "norm_num_groups": config_dict.get("norm_num_groups", 32)}
     renames = [
         (r"down_blocks\.(\d+)\.resnets\.", r"down.\1.block."),
         (r"down_blocks\.(\d+)\.attentions\.", r"down.\1.attn."),
@@ -366,6 +427,39 @@ def expected_shapes(config):
     return shapes
 
 
+def check_config(fields, where):
+    """A VQConfig from untrusted fields: types and ranges checked before anything is built from
+    them (the released tokenizer is the scale to expect; 5 levels give 16x16 tokens)."""
+    def need(ok, what):
+        if not ok:
+            raise ValueError(f"{where}: {what}")
+
+    def count(name, low, high):
+        value = fields.get(name, getattr(VQConfig, name))
+        need(type(value) is int and low <= value <= high, f"{name} must be an integer in [{low}, {high}], got {value!r}")
+        return value
+
+    resolution = count("resolution", 16, 4096)
+    groups = count("norm_num_groups", 1, 1024)
+    hidden = count("hidden_channels", groups, 1024)
+    for name, high in (("num_res_blocks", 16), ("z_channels", 4096), ("quantized_embed_dim", 4096),
+                       ("num_embeddings", 65536)):
+        count(name, 1, high)
+    need(fields.get("num_channels", 3) == 3, "num_channels must be 3 (RGB)")
+    mult = fields.get("channel_mult", VQConfig.channel_mult)
+    need(isinstance(mult, (list, tuple)) and len(mult) == 5 and all(type(m) is int and 1 <= m <= 32 for m in mult),
+         f"channel_mult must be 5 integers in [1, 32] (16x downsampling), got {mult!r}")
+    need(all(hidden * m % groups == 0 for m in (1, *mult)), f"norm_num_groups {groups} must divide every channel count")
+    attn = fields.get("attn_resolutions", ())
+    need(isinstance(attn, (list, tuple)) and all(type(r) is int and 1 <= r <= resolution for r in attn),
+         f"attn_resolutions must be a list of resolutions in [1, {resolution}], got {attn!r}")
+    need(isinstance(fields.get("no_attn_mid_block", True), bool), "no_attn_mid_block must be true or false")
+    need(fields.get("resample_with_conv", True) is True, "resample_with_conv must be true (convolutional resampling)")
+    for name in ("dropout", "commitment_cost"):
+        need(isinstance(fields.get(name, 0.0), (int, float)), f"{name} must be a number")
+    return VQConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+
 def load_vqgan(path):
     """-> (params, VQConfig) from a muse folder (config.json + pytorch_model.bin or *.safetensors)
     or a diffusers VQModel folder."""
@@ -380,21 +474,29 @@ def load_vqgan(path):
     try:
         with open(config_file) as f:
             config_dict = json.load(f)
-        state = load_file(weights_file) if safetensors else read_torch_state_dict(weights_file)
-    except (OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError, json.JSONDecodeError) as e:
-        raise ValueError(f"{weights_file}: unreadable checkpoint ({e})") from None
-    if "block_out_channels" in config_dict:
-        fields, state = diffusers_to_muse(config_dict, state)
-    else:
-        known = {f.name for f in dataclasses.fields(VQConfig)}
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{config_file}: unreadable ({e})") from None
+    if not isinstance(config_dict, dict):
+        raise ValueError(f"{config_file}: not a JSON object")
+    known = {f.name for f in dataclasses.fields(VQConfig)}
+    if "block_out_channels" not in config_dict:
         unsupported = [k for k in ("decoder_res_blocks", "extra_mid_res_blocks", "decoder_hidden_channels",
                                    "decoder_channel_mult") if config_dict.get(k) is not None]
         if unsupported:
             raise ValueError(f"{config_file}: unsupported VQGAN options {unsupported}")
-        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in config_dict.items() if k in known}
-    config = VQConfig(**fields)
+        config = check_config({k: v for k, v in config_dict.items() if k in known}, config_file)
+    try:
+        state = load_file(weights_file) if safetensors else read_torch_state_dict(weights_file)
+    except (OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError) as e:
+        raise ValueError(f"{weights_file}: unreadable checkpoint ({e})") from None
+    if "block_out_channels" in config_dict:
+        try:
+            fields, state = diffusers_to_muse(config_dict, state)
+        except (TypeError, KeyError, AttributeError, ZeroDivisionError) as e:
+            raise ValueError(f"{config_file}: not a valid VQModel config ({type(e).__name__}: {e})") from None
+        config = check_config(fields, config_file)
     expected = expected_shapes(config)
-    missing, extra = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    missing, extra = sorted(set(expected) - set(state)), sorted(map(str, set(state) - set(expected)))
     if missing or extra:
         raise ValueError(f"{weights_file}: weights do not match config.json "
                          f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected {extra[:3]})")
