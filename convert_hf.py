@@ -43,13 +43,21 @@ def hf_config(config, dtype):
     }
 
 
-def to_hf(ckpt, out, dtype="bfloat16", shard_size=5 * 10 ** 9):
+def to_hf(ckpt, out, dtype="bfloat16", shard_size=5 * 10 ** 9, overwrite=False):
     """Our checkpoint -> HF folder: config.json and model.safetensors, or
     model-0000k-of-0000n.safetensors shards + model.safetensors.index.json above shard_size."""
+    model.check_separate(ckpt, out)
     config = model.read_config(ckpt)
+    model.verify_checksums(ckpt)
     target = np.dtype(DTYPES[dtype])
     weights = os.path.join(ckpt, "params.safetensors")
     with safe_open(weights, framework="numpy") as f:
+        stored = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        expected = {name: s.shape for name, s in model.expected_shapes(config).items()}
+        if stored != expected:  # the config must describe exactly the tensors that are there
+            wrong = sorted(n for n in stored.keys() | expected.keys() if stored.get(n) != expected.get(n))
+            raise ValueError(f"{weights}: tensors do not match {ckpt}/config.json: {wrong[0]} is "
+                             f"{stored.get(wrong[0])} in the file, the config implies {expected.get(wrong[0])}")
         def reader(name, layer, transpose):
             def make():
                 array = f.get_slice(name)[layer] if layer is not None else f.get_tensor(name)
@@ -75,7 +83,7 @@ def to_hf(ckpt, out, dtype="bfloat16", shard_size=5 * 10 ** 9):
             size += nbytes
         names = (["model.safetensors"] if len(shards) == 1 else
                  [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
-        with model.atomic_dir(out) as tmp:
+        with model.atomic_dir(out, overwrite) as tmp:
             for name, shard in zip(names, shards):
                 model.write_safetensors(os.path.join(tmp, name), shard, metadata={"format": "pt"})
             if len(shards) > 1:
@@ -88,12 +96,14 @@ def to_hf(ckpt, out, dtype="bfloat16", shard_size=5 * 10 ** 9):
     return config
 
 
-def from_hf(folder, out):
+def from_hf(folder, out, overwrite=False):
     """HF LlamaForCausalLM folder (single or sharded safetensors, any float dtype) -> our
     checkpoint, keeping the stored dtype. Each stacked tensor is read and written on its own."""
+    model.check_separate(folder, out)
     config, entries = model.hf_tensors(folder)
-    with model.atomic_dir(out) as tmp:
+    with model.atomic_dir(out, overwrite) as tmp:
         model.write_checkpoint_files(tmp, config, entries)
+        model.write_checksums(tmp)
     return config
 
 
@@ -108,12 +118,15 @@ def main(argv=None):
     back = commands.add_parser("from-hf", help="Hugging Face Llama folder -> model.py checkpoint")
     back.add_argument("hf_dir")
     back.add_argument("out")
+    for command in (to, back):
+        command.add_argument("--overwrite", action="store_true",
+                             help="replace OUT if it holds an earlier output of this tool (never other files)")
     args = parser.parse_args(argv)
     try:
         if args.command == "to-hf":
-            config = to_hf(args.ckpt, args.out, args.dtype, args.shard_size)
+            config = to_hf(args.ckpt, args.out, args.dtype, args.shard_size, args.overwrite)
         else:
-            config = from_hf(args.hf_dir, args.out)
+            config = from_hf(args.hf_dir, args.out, args.overwrite)
     except (ValueError, OSError, KeyError) as e:
         parser.exit(1, f"error: {e}\n")
     print(f"wrote {args.out}: {model.count_params(config) / 1e9:.3f}B parameters")

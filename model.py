@@ -9,9 +9,11 @@ logical axis rules (MaxText style) applied to a mesh with axes (data, fsdp, tens
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import struct
 from dataclasses import dataclass
@@ -21,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.numpy import load_file
 
 
@@ -55,6 +57,31 @@ CONFIGS = {
     "20b": Config(6144, 16128, 46, 48),
     "30b": Config(6656, 17920, 60, 52),
 }
+
+
+def check_config(fields, where):
+    """A Config from untrusted fields (a checkpoint's config.json): types and ranges checked, so a
+    bad file is refused instead of hanging or building a model that the weights do not match."""
+    def need(ok, what):
+        if not ok:
+            raise ValueError(f"{where}: {what}")
+
+    need(isinstance(fields, dict), "not a JSON object")
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(Config)})
+    need(not unknown, f"unknown fields {unknown}")
+    for name, high in (("hidden", 65536), ("intermediate", 262144), ("layers", 1024), ("heads", 1024),
+                       ("vocab", 2 ** 20), ("max_seq", 2 ** 20)):
+        value = fields.get(name, getattr(Config, name, None))
+        need(type(value) is int and 1 <= value <= high, f"{name} must be an integer in [1, {high}], got {value!r}")
+    for name in ("norm_eps", "rope_theta"):
+        value = fields.get(name, getattr(Config, name))
+        need(type(value) in (int, float) and value > 0, f"{name} must be a positive number, got {value!r}")
+    need(fields.get("dtype", "float32") in ("float32", "bfloat16"), "dtype must be float32 or bfloat16")
+    need(isinstance(fields.get("remat", False), bool), "remat must be true or false")
+    need(fields["hidden"] % fields["heads"] == 0 and fields["hidden"] // fields["heads"] % 2 == 0,
+         f"hidden {fields['hidden']} must split into {fields['heads']} heads of an even size")
+    return Config(**fields)
+
 
 # ---------------------------------------------------------------------------------------------
 # Sharding: every array dim has a logical name; RULES maps names to mesh axes. This reproduces
@@ -349,6 +376,37 @@ def to_host(x):
     return np.asarray(x)
 
 
+# Every file a tool of this project writes into a folder of its own (checkpoints, HF folders,
+# VQGAN folders): --overwrite may replace a folder holding only these, never anything else.
+TOOL_FILES = re.compile(r"config\.json|checksums\.json|(params|opt_state)\.safetensors|train_state\.json"
+                        r"|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
+
+
+def check_output_dir(path, overwrite=False):
+    """Refuse an output folder that exists and is not empty, unless --overwrite, and even then one
+    that holds anything this project's tools do not write: a folder the user owns is never replaced."""
+    if not os.path.lexists(path):
+        return
+    if not os.path.isdir(path) or os.path.islink(path):
+        raise ValueError(f"{path}: exists and is not a folder; choose another output")
+    names = sorted(os.listdir(path))
+    if not names:
+        return
+    if not overwrite:
+        raise ValueError(f"{path}: exists and is not empty; choose a new folder, or pass --overwrite "
+                         f"to replace an earlier output of this tool")
+    foreign = [n for n in names if not TOOL_FILES.fullmatch(n)]
+    if foreign:
+        raise ValueError(f"{path}: holds {foreign[:3]}, which this tool did not write; refusing to replace it")
+
+
+def check_separate(source, output):
+    """Refuse an output that is its input, or lies inside it, or contains it."""
+    a, b = os.path.realpath(source), os.path.realpath(output)
+    if a == b or b.startswith(a + os.sep) or a.startswith(b + os.sep):
+        raise ValueError(f"{output}: the output must not be the input {source}, lie inside it or contain it")
+
+
 def replace_dir(tmp, path):
     """Move a completely written folder into place; an older folder at `path` goes only after."""
     old = f"{path}.old"
@@ -360,15 +418,62 @@ def replace_dir(tmp, path):
 
 
 @contextlib.contextmanager
-def atomic_dir(path):
+def atomic_dir(path, overwrite=False):
     """Yield an empty temporary folder to fill; it takes the place of `path` only once complete,
-    so a crash midway never damages what was at `path`."""
+    so a crash midway never damages what was at `path`. What is at `path` must be replaceable
+    (check_output_dir)."""
     path = os.path.abspath(path)
+    check_output_dir(path, overwrite)
     tmp = f"{path}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     yield tmp
     replace_dir(tmp, path)
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(2 ** 24), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(folder):
+    """checksums.json: the sha256 of every .safetensors file of a checkpoint folder."""
+    sums = {name: file_sha256(os.path.join(folder, name)) for name in sorted(os.listdir(folder))
+            if name.endswith(".safetensors")}
+    with open(os.path.join(folder, "checksums.json"), "w") as f:
+        json.dump(sums, f, indent=2)
+
+
+def verify_checksums(folder):
+    """A damaged weights file (bit rot, a truncated copy) is refused, not loaded."""
+    listing = os.path.join(folder, "checksums.json")
+    if not os.path.isfile(listing):
+        return
+    try:
+        with open(listing) as f:
+            sums = dict(json.load(f))
+    except (OSError, ValueError, TypeError) as e:
+        raise ValueError(f"{listing}: unreadable ({e})") from None
+    for name, expected in sums.items():
+        path = os.path.join(folder, os.path.basename(str(name)))
+        if not os.path.isfile(path) or file_sha256(path) != expected:
+            raise ValueError(f"{path}: damaged (its sha256 does not match checksums.json)")
+
+
+def bounded(kind, low, high=None):
+    """argparse type: a number of `kind` in [low, high], else a message with the range."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value} is out of range [{low}, {'inf' if high is None else high}]")
+        return value
+    return parse
 
 
 SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", np.dtype(jnp.bfloat16): "BF16", np.dtype(np.float16): "F16",
@@ -409,9 +514,10 @@ def write_checkpoint_files(folder, config, entries):
         json.dump(dataclasses.asdict(config), f, indent=2)
 
 
-def save_checkpoint(path, config, params):
-    with atomic_dir(path) as tmp:
+def save_checkpoint(path, config, params, overwrite=False):
+    with atomic_dir(path, overwrite) as tmp:
         write_checkpoint_files(tmp, config, tensor_entries(params))
+        write_checksums(tmp)
 
 
 
@@ -445,13 +551,15 @@ def read_config(path):
             raise ValueError(f"{path}: not a model.py checkpoint folder ({name} is missing)")
     try:
         with open(os.path.join(path, "config.json")) as f:
-            return Config(**json.load(f))
-    except (ValueError, TypeError) as e:
+            fields = json.load(f)
+    except (OSError, ValueError) as e:
         raise ValueError(f"{path}/config.json: unreadable ({e})") from None
+    return check_config(fields, f"{path}/config.json")
 
 
 def load_own_checkpoint(path):
     config = read_config(path)
+    verify_checksums(path)
     try:
         flat = load_file(os.path.join(path, "params.safetensors"))
     except Exception as e:
@@ -498,23 +606,27 @@ def config_from_hf(folder, hf):
     def refuse(why):
         raise ValueError(f"{folder}/config.json: {why}")
 
+    if not isinstance(hf, dict):
+        refuse("not a JSON object")
     if hf.get("model_type") != "llama":
         refuse(f"model_type is {hf.get('model_type')!r}, not 'llama'")
-    heads = hf["num_attention_heads"]
-    if hf.get("num_key_value_heads", heads) != heads:
+    rope = hf.get("rope_parameters") or {}
+    config = check_config({"hidden": hf.get("hidden_size"), "intermediate": hf.get("intermediate_size"),
+                           "layers": hf.get("num_hidden_layers"), "heads": hf.get("num_attention_heads"),
+                           "max_seq": hf.get("max_position_embeddings", 4096), "vocab": hf.get("vocab_size"),
+                           "norm_eps": hf.get("rms_norm_eps", 1e-6),
+                           "rope_theta": hf.get("rope_theta", rope.get("rope_theta", 10000.0))}, f"{folder}/config.json")
+    if hf.get("num_key_value_heads", config.heads) != config.heads:
         refuse("grouped-query attention (num_key_value_heads != num_attention_heads) is not LVM's architecture")
-    if hf["hidden_size"] % heads or (hf.get("head_dim") or hf["hidden_size"] // heads) * heads != hf["hidden_size"]:
-        refuse(f"{heads} heads do not divide hidden_size {hf['hidden_size']}")
-    if hf["vocab_size"] != Config.vocab:
-        refuse(f"vocab_size {hf['vocab_size']} is not LVM's {Config.vocab} (8192 VQGAN codes + 100 special ids)")
+    if (hf.get("head_dim") or config.head_dim) != config.head_dim:
+        refuse(f"head_dim {hf.get('head_dim')} is not hidden_size / num_attention_heads")
+    if config.vocab != Config.vocab:
+        refuse(f"vocab_size {config.vocab} is not LVM's {Config.vocab} (8192 VQGAN codes + 100 special ids)")
     if hf.get("tie_word_embeddings") or hf.get("rope_scaling") or hf.get("hidden_act", "silu") != "silu":
         refuse("tied embeddings, rope_scaling or a non-silu activation are not LVM's architecture")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         refuse("biases are not LVM's architecture")
-    rope = hf.get("rope_parameters") or {}
-    return Config(hidden=hf["hidden_size"], intermediate=hf["intermediate_size"], layers=hf["num_hidden_layers"],
-                  heads=heads, max_seq=hf.get("max_position_embeddings", 4096), norm_eps=hf.get("rms_norm_eps", 1e-6),
-                  rope_theta=hf.get("rope_theta", rope.get("rope_theta", 10000.0)))
+    return config
 
 
 def hf_tensors(folder):
@@ -524,20 +636,29 @@ def hf_tensors(folder):
     config_file = os.path.join(folder, "config.json")
     if not os.path.isfile(config_file):
         raise ValueError(f"{folder}: no config.json (expected a Hugging Face model folder)")
-    with open(config_file) as f:
-        config = config_from_hf(folder, json.load(f))
-    index_file = os.path.join(folder, "model.safetensors.index.json")
-    if os.path.isfile(index_file):
-        with open(index_file) as f:
-            index = json.load(f)
-        weight_map = index.get("weight_map") if isinstance(index, dict) else None
-    elif os.path.isfile(os.path.join(folder, "model.safetensors")):
-        with safe_open(os.path.join(folder, "model.safetensors"), framework="numpy") as f:
-            weight_map = {name: "model.safetensors" for name in f.keys()}
-    else:
-        raise ValueError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+    try:
+        with open(config_file) as f:
+            hf = json.load(f)
+        index_file = os.path.join(folder, "model.safetensors.index.json")
+        if os.path.isfile(index_file):
+            with open(index_file) as f:
+                index = json.load(f)
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        elif os.path.isfile(os.path.join(folder, "model.safetensors")):
+            with safe_open(os.path.join(folder, "model.safetensors"), framework="numpy") as f:
+                weight_map = {name: "model.safetensors" for name in f.keys()}
+        else:
+            raise ValueError(f"{folder}: no model.safetensors or model.safetensors.index.json")
+    except (OSError, ValueError, SafetensorError) as e:
+        raise ValueError(f"{folder}: unreadable Hugging Face folder ({e})") from None
+    config = config_from_hf(folder, hf)
     if not isinstance(weight_map, dict):
         raise ValueError(f"{index_file}: weight_map is not an object")
+    wanted = {hf_name for hf_name, _ in HF_NAMES.values()} | {
+        f"model.layers.{i}.{hf_name}" for i in range(config.layers) for hf_name, _ in HF_LAYER_NAMES.values()}
+    extra = sorted(n for n in set(weight_map) - wanted if not str(n).endswith("rotary_emb.inv_freq"))
+    if extra:  # e.g. more layers in the weights than config.json says: refuse rather than drop them
+        raise ValueError(f"{folder}: weights {extra[:3]} are not part of the {config.layers}-layer model config.json describes")
     for name, shard in weight_map.items():  # the index is untrusted: it must not point outside the folder
         if not (isinstance(shard, str) and shard == os.path.basename(shard) and shard not in ("", ".", "..")
                 and "\\" not in shard and os.path.isfile(os.path.join(folder, shard))):

@@ -109,9 +109,15 @@ def read_jobs(path, keys):
                 continue
             try:
                 job = json.loads(line)
-                assert all(k in job for k in keys)
-            except (ValueError, AssertionError):
-                raise ValueError(f"{path}:{number}: expected a json object with {keys}") from None
+            except ValueError:
+                job = None
+            if not isinstance(job, dict) or not all(k in job for k in keys):
+                raise ValueError(f"{path}:{number}: expected a json object with {keys}")
+            lists = [k for k in keys if k != "output"]  # input / target: lists of image paths
+            if not all(isinstance(job[k], list) and job[k] and all(isinstance(p, str) for p in job[k]) for k in lists):
+                raise ValueError(f"{path}:{number}: {' and '.join(lists)} must each be a non-empty list of image paths")
+            if "output" in keys and not isinstance(job["output"], str):
+                raise ValueError(f"{path}:{number}: output must be an image path")
             jobs.append((number, job))
     return jobs
 
@@ -158,13 +164,14 @@ def main(argv=None):
     p.add_argument("--ckpt", required=True, help="model checkpoint or Hugging Face Llama folder")
     p.add_argument("--vqgan", required=True, help="VQGAN checkpoint folder")
     p.add_argument("--out", default="samples")
-    p.add_argument("--new_images", type=int, default=1)
-    p.add_argument("--candidates", type=int, default=1)
-    p.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    p.add_argument("--top_p", type=float, default=1.0)
-    p.add_argument("--top_k", type=int, default=0)
+    count = model.bounded(int, 1)
+    p.add_argument("--new_images", type=count, default=1)
+    p.add_argument("--candidates", type=count, default=1)
+    p.add_argument("--temperature", type=model.bounded(float, 0.0), default=1.0, help="0 = greedy")
+    p.add_argument("--top_p", type=model.bounded(float, 1e-6, 1.0), default=1.0, help="1 = off")
+    p.add_argument("--top_k", type=model.bounded(int, 0, 8192), default=0, help="0 = off")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--context", type=int, default=16, help="images the model sees at once")
+    p.add_argument("--context", type=model.bounded(int, 2), default=16, help="images the model sees at once")
     p.add_argument("--dtype", choices=["float32", "bfloat16"],
                    default="float32" if jax.default_backend() == "cpu" else "bfloat16")
     p.add_argument("--perplexity", help="jsonl of {input, target} image lists: report perplexity")
@@ -172,8 +179,6 @@ def main(argv=None):
     args = p.parse_args(argv)
     if sum(bool(x) for x in (args.prompt, args.perplexity, args.batch)) != 1:
         p.error("give exactly one of --prompt, --perplexity, --batch")
-    if args.context < 2:
-        p.error("--context must be at least 2 images")
     try:
         vq = vqgan.load_vqgan(args.vqgan)
         codes = min(vq[1].num_embeddings, 8192)

@@ -657,7 +657,7 @@ def test_convert_refuses_configs_it_cannot_represent(tmp_path, capsys):
     for change, message in [({"model_type": "mistral"}, "not 'llama'"),
                             ({"vocab_size": 32000}, "vocab_size 32000 is not LVM's 8292"),
                             ({"num_key_value_heads": 2}, "grouped-query attention"),
-                            ({"num_attention_heads": 3, "num_key_value_heads": 3, "head_dim": None}, "3 heads do not divide")]:
+                            ({"num_attention_heads": 3, "num_key_value_heads": 3, "head_dim": None}, "hidden 128 must split into 3 heads")]:
         (tmp_path / "hf" / "config.json").write_text(json.dumps(dict(config, **change)))
         with pytest.raises(SystemExit):
             convert_hf.main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "out")])
@@ -666,6 +666,84 @@ def test_convert_refuses_configs_it_cannot_represent(tmp_path, capsys):
     with pytest.raises(SystemExit):
         convert_hf.main(["to-hf", str(tmp_path / "nothing"), str(tmp_path / "out")])
     assert "not a model.py checkpoint" in capsys.readouterr().err
+
+
+def tree_bytes(folder):
+    """Every file below a folder with its bytes: what the user had, to compare after a command."""
+    return {os.path.relpath(os.path.join(root, f), folder): open(os.path.join(root, f), "rb").read()
+            for root, _, files in os.walk(folder) for f in files}
+
+
+def test_convert_never_replaces_a_folder_it_did_not_write(tmp_path, capsys):
+    params = model.init_params(DEBUG, jax.random.key(1))
+    model.save_checkpoint(tmp_path / "run" / "step_00000020", DEBUG, params)
+    (tmp_path / "run" / "notes.txt").write_text("my notes")
+    hf_llama(DEBUG).save_pretrained(tmp_path / "hf")
+    (tmp_path / "thesis" / "sub").mkdir(parents=True)
+    (tmp_path / "thesis" / "sub" / "thesis.tex").write_text("\\documentclass{article}")
+    before = {name: tree_bytes(tmp_path / name) for name in ("run", "hf", "thesis")}
+    ckpt = str(tmp_path / "run" / "step_00000020")
+    capsys.readouterr()
+    for argv, message in [
+        (["to-hf", ckpt, str(tmp_path / "run")], "must not be the input"),
+        (["to-hf", ckpt, ckpt, "--overwrite"], "must not be the input"),
+        (["from-hf", str(tmp_path / "hf"), str(tmp_path / "hf"), "--overwrite"], "must not be the input"),
+        (["from-hf", str(tmp_path / "hf"), str(tmp_path / "thesis")], "exists and is not empty"),
+        (["from-hf", str(tmp_path / "hf"), str(tmp_path / "thesis"), "--overwrite"], "which this tool did not write"),
+        (["to-hf", ckpt, str(tmp_path / "thesis" / "sub"), "--overwrite"], "['thesis.tex'], which this tool did not write"),
+    ]:
+        with pytest.raises(SystemExit) as exit_info:
+            convert_hf.main(argv)
+        assert exit_info.value.code == 1
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+    assert {name: tree_bytes(tmp_path / name) for name in before} == before
+    convert_hf.main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "ours")])  # an earlier output of the tool
+    with pytest.raises(SystemExit):
+        convert_hf.main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "ours")])
+    assert "--overwrite" in capsys.readouterr().err
+    convert_hf.main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "ours"), "--overwrite"])
+    assert model.load_checkpoint(tmp_path / "ours")[0] == DEBUG
+
+
+def test_configs_must_agree_with_the_tensors(tmp_path, capsys):
+    params = model.init_params(DEBUG, jax.random.key(1))
+    hf_llama(DEBUG).save_pretrained(tmp_path / "hf")
+    hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    cases = [({"layers": 1}, "to-hf", "tensors do not match"),
+             ({"hidden": 1e9}, "to-hf", "hidden must be an integer"),
+             ({"vocab": 10 ** 12}, "to-hf", "vocab must be an integer in"),
+             ({"layers": 10 ** 9}, "to-hf", "layers must be an integer in"),
+             ({"num_hidden_layers": 1}, "from-hf", "are not part of the 1-layer model"),
+             ({"hidden_size": "128"}, "from-hf", "hidden must be an integer")]
+    for k, (change, command, message) in enumerate(cases):
+        if command == "to-hf":
+            source = tmp_path / f"ckpt{k}"
+            model.save_checkpoint(source, DEBUG, params)
+            fields = json.loads((source / "config.json").read_text())
+            (source / "config.json").write_text(json.dumps({**fields, **change}))
+        else:
+            source = tmp_path / f"hf{k}"
+            shutil.copytree(tmp_path / "hf", source)
+            (source / "config.json").write_text(json.dumps({**hf_config, **change}))
+        with pytest.raises(SystemExit):
+            convert_hf.main([command, str(source), str(tmp_path / f"out{k}")])
+        assert message in capsys.readouterr().err, (change, message)
+        assert not (tmp_path / f"out{k}").exists()
+        if command == "from-hf":
+            with pytest.raises(ValueError, match=message):
+                model.load_checkpoint(source)  # what sample.py --ckpt reads
+
+
+def test_damaged_weights_are_refused_by_their_checksum(tmp_path):
+    model.save_checkpoint(tmp_path / "ckpt", DEBUG, model.init_params(DEBUG, jax.random.key(1)))
+    assert set(json.loads((tmp_path / "ckpt" / "checksums.json").read_text())) == {"params.safetensors"}
+    weights = tmp_path / "ckpt" / "params.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2:len(data) // 2 + 4096] = bytes(4096)  # 4 KB of bit rot inside the tensors
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="params.safetensors: damaged"):
+        model.load_checkpoint(tmp_path / "ckpt")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -791,6 +869,77 @@ def test_token_stream_packs_skips_bad_lines_and_resumes_exactly(tmp_path):
     (tmp_path / "bad.jsonl").write_text("nothing useful\n")
     with pytest.raises(ValueError, match="no valid line"):
         train.TokenStream(str(tmp_path / "bad.jsonl"), 2, 4, 8292, on_bad_line=warnings.append).next_batch()
+
+
+@pytest.mark.parametrize("flag, value", [("--keep", "-3"), ("--keep", "0"), ("--save_every", "0"),
+                                         ("--log_every", "0"), ("--eval_every", "0"), ("--eval_batches", "0"),
+                                         ("--steps", "0"), ("--batch_size", "0"), ("--clip", "-1"), ("--lr", "-1")])
+def test_train_flags_out_of_range_are_refused(tmp_path, capsys, flag, value):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(train_args(str(tmp_path / "data.jsonl"), tmp_path / "run", flag, value))
+    assert exit_info.value.code == 2
+    assert f"argument {flag}: {value}" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_clip_zero_means_no_clipping(tmp_path):
+    data = copy_corpus(tmp_path / "copy.jsonl", lines=50)
+    train.main(train_args(data, tmp_path / "run", "--steps", "3", "--clip", "0", "--save_every", "3"))
+    _, before = model.load_checkpoint(tmp_path / "run" / "step_00000003")
+    assert read_metrics(tmp_path / "run")[-1]["loss"] < read_metrics(tmp_path / "run")[0]["loss"]
+    big, small = {"w": jnp.full((4,), 100.0)}, {"w": jnp.full((4,), 0.1)}
+
+    def second_update(clip):  # step 0 has lr 0 (warmup); Adam's moments remember whether step 0 was clipped
+        optimizer, _ = train.make_optimizer(train.parse_args(train_args(data, tmp_path / "x", "--clip", clip)))
+        state = optimizer.update(big, optimizer.init(big), big)[1]
+        return np.asarray(optimizer.update(small, state, small)[0]["w"])
+
+    np.testing.assert_array_equal(second_update("0"), second_update("1e30"))  # 0 = off = never clipping
+    assert not np.allclose(second_update("1"), second_update("0"), rtol=1e-3)  # the norm-200 gradient was clipped
+
+
+def test_bad_eval_data_is_reported_before_training(tmp_path, capsys):
+    data = copy_corpus(tmp_path / "copy.jsonl", lines=50)
+    for eval_data, message in [(str(tmp_path / "missing.jsonl"), "No such file"), (data.replace("copy", "empty"), "empty file")]:
+        open(data.replace("copy", "empty"), "w").close()
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(train_args(data, tmp_path / "run", "--steps", "5", "--eval_data", eval_data))
+        assert f"--eval_data {eval_data}" in str(exit_info.value.code) and message in str(exit_info.value.code)
+        assert not (tmp_path / "run").exists()  # nothing trained, no empty run folder
+
+
+def test_deeply_nested_line_is_skipped_not_fatal(tmp_path):
+    data = copy_corpus(tmp_path / "copy.jsonl", lines=50)
+    with open(data, "a") as f:
+        f.write("[" * 100_000 + "\n")
+    warnings = []
+    stream = train.TokenStream(data, rows=8, seq_len=64, vocab=8292, on_bad_line=warnings.append)
+    for _ in range(60):  # past the end of the file, where the bad line is
+        stream.next_batch()
+    assert stream.bad_lines >= 1 and "malformed line" in warnings[0]
+
+
+def test_steps_below_the_checkpoint_and_resumed_metrics(tmp_path):
+    data = copy_corpus(tmp_path / "copy.jsonl", lines=50)
+    train.main(train_args(data, tmp_path / "run", "--steps", "6", "--save_every", "4"))
+    with pytest.raises(SystemExit, match="already at step 6; --steps 3 leaves nothing to do"):
+        train.main(train_args(data, tmp_path / "run", "--steps", "3"))
+    shutil.rmtree(tmp_path / "run" / "step_00000006")  # as if killed after step 6 was logged, before its save
+    train.main(train_args(data, tmp_path / "run", "--steps", "8", "--save_every", "4"))
+    assert [m["step"] for m in read_metrics(tmp_path / "run")] == list(range(1, 9))
+
+
+def test_resume_falls_back_from_a_damaged_checkpoint(tmp_path, capsys):
+    data = copy_corpus(tmp_path / "copy.jsonl", lines=50)
+    train.main(train_args(data, tmp_path / "whole", "--steps", "8", "--save_every", "4"))
+    train.main(train_args(data, tmp_path / "run", "--steps", "6", "--save_every", "2"))
+    weights = tmp_path / "run" / "step_00000006" / "params.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])  # truncated after the rename
+    capsys.readouterr()
+    train.main(train_args(data, tmp_path / "run", "--steps", "8", "--save_every", "4"))
+    assert re.search(r"step_00000006 is damaged .*trying the previous", capsys.readouterr().out)
+    _, whole = model.load_checkpoint(tmp_path / "whole" / "step_00000008")
+    _, run = model.load_checkpoint(tmp_path / "run" / "step_00000008")
+    jax.tree.map(np.testing.assert_array_equal, whole, run)  # resumed from step 4, exactly
 
 
 # ---------------------------------------------------------------------------------------------
@@ -974,6 +1123,20 @@ def test_mix_shuffles_lines_and_show_writes_a_grid(tmp_path, tiny_vqgan):
     assert Image.open(tmp_path / "grid.png").size == (256 * images, 256)
 
 
+def test_tokenize_output_never_overwrites_an_input(tmp_path, tiny_vqgan, capsys):
+    folder = photo_folder(tmp_path, {"cat.jpg": PHOTOS[1], "coffee.jpg": PHOTOS[2]})
+    lines = write_jsonl(tmp_path / "s.jsonl", [np.arange(256)])
+    before = tree_bytes(tmp_path)
+    for argv, message in [(["colorization", "--input", folder, "--output", os.path.join(folder, "cat.jpg")],
+                           "give a name ending in .jsonl"),
+                          (["show", "--input", lines, "--output", lines], "give a name ending in .png"),
+                          (["mix", "--input", lines, "--output", lines], "is also an --input")]:
+        with pytest.raises(SystemExit):
+            tokenize_data.main([*argv, "--vqgan", tiny_vqgan[0]])
+        assert message in capsys.readouterr().err
+    assert tree_bytes(tmp_path) == before
+
+
 # ---------------------------------------------------------------------------------------------
 # sample.py
 
@@ -1101,3 +1264,32 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, caps
     assert [os.path.basename(p) for p in train.checkpoints(tmp_path / "run")] == ["step_00000002"]
     _, params = model.load_checkpoint(tmp_path / "run" / "step_00000002")
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def test_perplexity_lines_need_images_on_both_sides(tmp_path, tiny_vqgan, capsys):
+    _, folder = hf_with_vqgan(tmp_path)
+    for line, message in [({"input": [], "target": [PHOTOS[0]]}, "must each be a non-empty list"),
+                          ({"input": [PHOTOS[0]], "target": []}, "must each be a non-empty list"),
+                          ({"input": PHOTOS[0], "target": [PHOTOS[1]]}, "must each be a non-empty list")]:
+        (tmp_path / "eval.jsonl").write_text(json.dumps(line) + "\n")
+        with pytest.raises(SystemExit) as exit_info:
+            sample.main(["--ckpt", folder, "--vqgan", tiny_vqgan[0], "--perplexity", str(tmp_path / "eval.jsonl")])
+        assert exit_info.value.code == 1 and f"eval.jsonl:1: input and target {message}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("tool, argv", [
+    ("tokenize_data", ["pairs", "--input", "x", "--output", "o.jsonl", "--vqgan", "v", "--shots", "0"]),
+    ("tokenize_data", ["sequence", "--input", "x", "--output", "o.jsonl", "--vqgan", "v", "--frames", "-1"]),
+    ("tokenize_data", ["pairs", "--input", "x", "--output", "o.jsonl", "--vqgan", "v", "--epochs", "0"]),
+    ("tokenize_data", ["show", "--input", "x", "--output", "o.png", "--vqgan", "v", "--batch_size", "0"]),
+    ("sample", ["--prompt", "p", "--ckpt", "c", "--vqgan", "v", "--candidates", "0"]),
+    ("sample", ["--prompt", "p", "--ckpt", "c", "--vqgan", "v", "--top_p", "0"]),
+    ("sample", ["--prompt", "p", "--ckpt", "c", "--vqgan", "v", "--temperature", "-1"]),
+    ("sample", ["--prompt", "p", "--ckpt", "c", "--vqgan", "v", "--context", "1"]),
+])
+def test_count_and_ratio_flags_out_of_range_are_refused(capsys, tool, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        globals()[tool].main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {argv[-2]}:" in err and "out of range" in err

@@ -24,6 +24,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
+import model
 import vqgan
 
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
@@ -328,20 +329,27 @@ def main(argv=None):
     p.add_argument("--targets", help="pairs: the annotation folder, matched to --input by file stem")
     p.add_argument("--output", required=True)
     p.add_argument("--vqgan", help="VQGAN checkpoint folder")
-    p.add_argument("--frames", type=int, default=16, help="sequence: frames per sentence")
-    p.add_argument("--stride", type=int, default=1, help="sequence: take every n-th frame")
-    p.add_argument("--shots", type=int, help="pairs per sentence (default 8), or classes per sentence for category (4)")
-    p.add_argument("--images_per_shot", type=int, default=4, help="category: images of one class in a row")
-    p.add_argument("--epochs", type=int, default=1, help="seeded permutations of the images")
+    count = model.bounded(int, 1)
+    p.add_argument("--frames", type=count, default=16, help="sequence: frames per sentence")
+    p.add_argument("--stride", type=count, default=1, help="sequence: take every n-th frame")
+    p.add_argument("--shots", type=count, help="pairs per sentence (default 8), or classes per sentence for category (4)")
+    p.add_argument("--images_per_shot", type=count, default=4, help="category: images of one class in a row")
+    p.add_argument("--epochs", type=count, default=1, help="seeded permutations of the images")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch_size", type=int, default=8)
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="image decoding threads")
-    p.add_argument("--line", type=int, default=0, help="show: which line")
-    p.add_argument("--columns", type=int, default=8, help="show: images per grid row")
+    p.add_argument("--batch_size", type=count, default=8)
+    p.add_argument("--workers", type=count, default=os.cpu_count(), help="image decoding threads")
+    p.add_argument("--line", type=model.bounded(int, 0), default=0, help="show: which line")
+    p.add_argument("--columns", type=count, default=8, help="show: images per grid row")
     args = p.parse_args(argv)
     args.shots = args.shots or (4 if args.kind == "category" else 8)
     if args.kind not in ("mix",) and not args.vqgan:
         p.error(f"{args.kind} needs --vqgan")
+    suffix = ".png" if args.kind == "show" else ".jsonl"
+    if not args.output.endswith(suffix):  # never an input image or data file written over by mistake
+        p.error(f"--output {args.output}: {args.kind} writes {'a PNG' if suffix == '.png' else 'jsonl'}, "
+                f"give a name ending in {suffix}")
+    if any(os.path.realpath(args.output) == os.path.realpath(path) for path in args.input):
+        p.error(f"--output {args.output} is also an --input; write to another file")
     try:
         {"mix": mix, "show": show}.get(args.kind, make_sentences)(args)
     except (ValueError, OSError) as e:

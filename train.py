@@ -9,7 +9,6 @@ A step is one optimizer update over accum x batch_size sequences of seq_len toke
 """
 import argparse
 import base64
-import binascii
 import contextlib
 import dataclasses
 import glob
@@ -40,26 +39,28 @@ def parse_args(argv=None):
     p.add_argument("--size", default="7b", choices=model.CONFIGS)
     p.add_argument("--data", help="training jsonl of visual sentences")
     p.add_argument("--out", help="run folder: checkpoints and metrics.jsonl")
-    p.add_argument("--steps", type=int, default=400_000, help="optimizer steps")
-    p.add_argument("--batch_size", type=int, default=32, help="sequences per micro-batch")
-    p.add_argument("--accum", type=int, default=4, help="micro-batches per optimizer step")
-    p.add_argument("--seq_len", type=int, default=4096)
-    p.add_argument("--lr", type=float, default=1.5e-4)
-    p.add_argument("--end_lr", type=float, default=3e-5)
-    p.add_argument("--warmup", type=int, default=8000)
-    p.add_argument("--decay_steps", type=int, default=288_000, help="warmup + cosine decay length")
-    p.add_argument("--weight_decay", type=float, default=0.1)
-    p.add_argument("--clip", type=float, default=1.0, help="gradient clipping at this global norm")
+    count = model.bounded(int, 1)
+    p.add_argument("--steps", type=count, default=400_000, help="optimizer steps")
+    p.add_argument("--batch_size", type=count, default=32, help="sequences per micro-batch")
+    p.add_argument("--accum", type=count, default=4, help="micro-batches per optimizer step")
+    p.add_argument("--seq_len", type=count, default=4096)
+    p.add_argument("--lr", type=model.bounded(float, 0.0), default=1.5e-4)
+    p.add_argument("--end_lr", type=model.bounded(float, 0.0), default=3e-5)
+    p.add_argument("--warmup", type=model.bounded(int, 0), default=8000)
+    p.add_argument("--decay_steps", type=count, default=288_000, help="warmup + cosine decay length")
+    p.add_argument("--weight_decay", type=model.bounded(float, 0.0), default=0.1)
+    p.add_argument("--clip", type=model.bounded(float, 0.0), default=1.0,
+                   help="gradient clipping at this global norm; 0 = no clipping")
     p.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor sizes; -1 takes the rest")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype")
     p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=True,
                    help="recompute layer activations in the backward pass")
     p.add_argument("--eval_data", help="jsonl for evaluation loss / perplexity")
-    p.add_argument("--eval_every", type=int, default=1000)
-    p.add_argument("--eval_batches", type=int, default=8)
-    p.add_argument("--save_every", type=int, default=1000)
-    p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
-    p.add_argument("--log_every", type=int, default=10)
+    p.add_argument("--eval_every", type=count, default=1000)
+    p.add_argument("--eval_batches", type=count, default=8)
+    p.add_argument("--save_every", type=count, default=1000)
+    p.add_argument("--keep", type=count, default=3, help="checkpoints kept")
+    p.add_argument("--log_every", type=count, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--peak_tflops", type=float, help="per-device peak for MFU (known GPUs/TPUs need none)")
     p.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() (auto on SLURM)")
@@ -84,7 +85,7 @@ def decode_line(line, vocab):
     """-> int32 tokens, or None for a malformed line (bad json/base64, ids outside the vocab)."""
     try:
         tokens = np.frombuffer(base64.b64decode(json.loads(line)["tokens"], validate=True), "<i4")
-    except (ValueError, KeyError, TypeError, binascii.Error):
+    except Exception:  # whatever the line holds (100,000 nested brackets raise RecursionError)
         return None
     if tokens.size == 0 or tokens.min() < 0 or tokens.max() >= vocab:
         return None
@@ -152,7 +153,8 @@ def make_optimizer(args):
     def decay_mask(params):  # norm scales are not decayed
         return jax.tree_util.tree_map_with_path(lambda path, _: "norm" not in jax.tree_util.keystr(path), params)
 
-    return optax.chain(optax.clip_by_global_norm(args.clip),
+    clip = optax.clip_by_global_norm(args.clip) if args.clip > 0 else optax.identity()
+    return optax.chain(clip,
                        optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=args.weight_decay, mask=decay_mask)), schedule
 
 
@@ -220,9 +222,10 @@ def save(out, step, config, params, opt_state, data_position, keep):
     host_opt = {str(i): model.to_host(x) for i, x in enumerate(jax.tree.leaves(opt_state))}
     if jax.process_index() != 0:
         return
-    with model.atomic_dir(os.path.join(out, f"step_{step:08d}")) as tmp:
+    with model.atomic_dir(os.path.join(out, f"step_{step:08d}"), overwrite=True) as tmp:
         model.write_checkpoint_files(tmp, config, model.tensor_entries(host_params))
         model.write_safetensors(os.path.join(tmp, "opt_state.safetensors"), model.tensor_entries(host_opt))
+        model.write_checksums(tmp)
         with open(os.path.join(tmp, "train_state.json"), "w") as f:
             json.dump({"step": step, "data_offset": int(data_position[0]), "data_skip": int(data_position[1])}, f)
     for old in checkpoints(out)[:-keep]:
@@ -236,30 +239,80 @@ def checkpoints(out):
 
 
 def restore(path, config, optimizer, shardings):
-    saved_config, params = model.load_checkpoint(path)
+    """-> (params, opt_state, step, data position); a ValueError if the checkpoint is damaged."""
+    saved_config = model.read_config(path)
     if dataclasses.replace(saved_config, dtype=config.dtype, remat=config.remat) != config:
-        raise ValueError(f"{path}: checkpoint config {saved_config} does not match --size")
-    opt_tree = jax.tree.structure(jax.eval_shape(optimizer.init, params))
-    opt_flat = load_file(os.path.join(path, "opt_state.safetensors"))
-    opt_state = jax.tree.unflatten(opt_tree, [opt_flat[str(i)] for i in range(len(opt_flat))])
-    with open(os.path.join(path, "train_state.json")) as f:
-        info = json.load(f)
+        raise SystemExit(f"error: {path} holds a model of another size than --size (hidden {saved_config.hidden}, "
+                         f"{saved_config.layers} layers); use another --out or the run's own --size")
+    _, params = model.load_checkpoint(path)  # checks every tensor against the config, and the checksums
+    opt_shapes = jax.eval_shape(optimizer.init, params)
+    try:
+        opt_flat = load_file(os.path.join(path, "opt_state.safetensors"))
+        with open(os.path.join(path, "train_state.json")) as f:
+            info = json.load(f)
+        position = (int(info["data_offset"]), int(info["data_skip"]))
+        step = int(info["step"])
+    except Exception as e:
+        raise ValueError(f"{path}: unreadable optimizer or train state ({e})") from None
+    leaves = jax.tree.leaves(opt_shapes)
+    if len(opt_flat) != len(leaves) or any(opt_flat.get(str(i), np.empty(0)).shape != leaf.shape
+                                           for i, leaf in enumerate(leaves)):
+        raise ValueError(f"{path}: opt_state.safetensors does not match the model")
+    opt_state = jax.tree.unflatten(jax.tree.structure(opt_shapes), [opt_flat[str(i)] for i in range(len(leaves))])
     params = jax.device_put(params, shardings[0])
     opt_state = jax.device_put(opt_state, shardings[1])
-    return params, opt_state, info["step"], (info["data_offset"], info["data_skip"])
+    return params, opt_state, step, position
+
+
+def resume(out, config, optimizer, shardings):
+    """The newest checkpoint that loads; a damaged one is named and the previous one tried."""
+    for path in reversed(checkpoints(out)):
+        try:
+            restored = restore(path, config, optimizer, shardings)
+            print(f"resuming from {path} (step {restored[2]})")
+            return restored
+        except ValueError as e:
+            print(f"warning: {path} is damaged ({e}); trying the previous checkpoint")
+    return None
+
+
+def trim_metrics(out, step):
+    """After a resume at `step`, the records past it will be written again: keep each step once."""
+    path = os.path.join(out, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except Exception:
+                continue
+    with open(f"{path}.tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(f"{path}.tmp", path)
 
 
 # ---------------------------------------------------------------------------------------------
 
 
-def evaluate(eval_step, params, args, config, mesh):
-    """Mean loss over the first --eval_batches batches of --eval_data (the same ones every time)."""
-    stream = TokenStream(args.eval_data, args.batch_size, args.seq_len, config.vocab, on_bad_line=lambda m: None)
+def read_eval_batches(args, vocab):
+    """The first --eval_batches batches of --eval_data, read once at the start: a missing or bad
+    file is reported before any training, and every evaluation sees the same batches."""
+    try:
+        stream = TokenStream(args.eval_data, args.batch_size, args.seq_len, vocab, on_bad_line=lambda m: None)
+        with contextlib.closing(stream):
+            return [stream.next_batch() for _ in range(args.eval_batches)]
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --eval_data {args.eval_data}: {getattr(e, 'strerror', None) or e}")
+
+
+def evaluate(eval_step, params, batches, mesh, batch_size):
     losses = []
-    with contextlib.closing(stream):
-        for _ in range(args.eval_batches):
-            inputs, targets = global_batch([a[None] for a in stream.next_batch()], mesh, args.batch_size)
-            losses.append(float(eval_step(params, inputs[0], targets[0])))
+    for inputs, targets in batches:
+        inputs, targets = global_batch([inputs[None], targets[None]], mesh, batch_size)
+        losses.append(float(eval_step(params, inputs[0], targets[0])))
     return float(np.mean(losses))
 
 
@@ -307,11 +360,15 @@ def main(argv=None):
         return compile_only(args, config, optimizer, mesh)
 
     shardings = state_shardings(config, optimizer, mesh)
-    os.makedirs(args.out, exist_ok=True)
-    found = checkpoints(args.out)
-    if found:
-        params, opt_state, step, position = restore(found[-1], config, optimizer, shardings)
-        print(f"resuming from {found[-1]} (step {step})")
+    eval_batches = read_eval_batches(args, config.vocab) if args.eval_data else []
+    restored = resume(args.out, config, optimizer, shardings)
+    if checkpoints(args.out) and restored is None:
+        raise SystemExit(f"error: every checkpoint in {args.out} is damaged; move them away to start afresh")
+    if restored:
+        params, opt_state, step, position = restored
+        if step >= args.steps:
+            raise SystemExit(f"error: the run in {args.out} is already at step {step}; --steps {args.steps} leaves "
+                             f"nothing to do (raise --steps to train further)")
     else:
         params = model.create_params(config, jax.random.key(args.seed), mesh)
         opt_state = jax.jit(optimizer.init, out_shardings=shardings[1])(params)
@@ -326,6 +383,9 @@ def main(argv=None):
         stream = TokenStream(args.data, rows, args.seq_len, config.vocab, position, on_bad_line=log)
     except OSError as e:
         raise SystemExit(f"error: {args.data}: {e.strerror}")
+    os.makedirs(args.out, exist_ok=True)  # only once the inputs are known to be there
+    if jax.process_index() == 0:
+        trim_metrics(args.out, step)
     train_step = jax.jit(make_train_step(config, optimizer), donate_argnums=(0, 1))
     eval_step = jax.jit(lambda p, x, y: loss_fn(p, x, y, config))
     tokens_per_step = rows * args.seq_len
@@ -363,7 +423,7 @@ def main(argv=None):
                           "grad_norm": grad_norm, "tokens_per_sec": tokens_per_step / seconds,
                           "mfu": flops_per_step / seconds / (peak * jax.device_count()) if peak else None}
                 if evaluating:
-                    record["eval_loss"] = evaluate(eval_step, params, args, config, mesh)
+                    record["eval_loss"] = evaluate(eval_step, params, eval_batches, mesh, args.batch_size)
                     record["eval_perplexity"] = math.exp(record["eval_loss"])
                 if jax.process_index() == 0:
                     with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
