@@ -1293,3 +1293,81 @@ def test_count_and_ratio_flags_out_of_range_are_refused(capsys, tool, argv):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {argv[-2]}:" in err and "out of range" in err
+
+
+# ---------------------------------------------------------------------------------------------
+# examples/toy: the toy world and its VQGAN trainer
+
+import sys
+
+sys.path.insert(0, os.path.join(HERE, "examples", "toy"))
+import train_vqgan  # noqa: E402
+import world  # noqa: E402
+
+
+def test_flip_twice_is_the_identity():
+    x, y = world.task_pair("flip", np.random.default_rng(0))
+    assert not np.array_equal(x, y)
+    np.testing.assert_array_equal(y[:, ::-1], x)
+
+
+def test_segmentation_colours_each_silhouette_by_its_shape_kind():
+    scene = {"background": {"colours": [0, 1], "gradient": "vertical"},
+             "objects": [{"shape": k, "colour": 5, "size": 40, "centre": np.array([50.0 + 70 * k, 128.0]),
+                          "velocity": np.array([16.0, 0.0])} for k in range(3)]}
+    image = world.segment(scene)
+    for k in range(3):  # the centre of each object, and a point surely outside all of them
+        np.testing.assert_array_equal(image[128, 50 + 70 * k], world.SEGMENT_COLOURS[k])
+    np.testing.assert_array_equal(image[10, 10], [0, 0, 0])
+    assert len({tuple(c) for c in world.SEGMENT_COLOURS}) == 3
+
+
+def test_objects_move_at_constant_velocity_and_bounce_off_the_borders():
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        scene = world.random_scene(rng)
+        starts = [(o["centre"].copy(), o["velocity"].copy(), o["size"]) for o in scene["objects"]]
+        assert all(np.abs(v).max() >= world.MIN_SPEED for _, v, _ in starts)
+        for t in range(1, 31):
+            world.step(scene)
+            for obj, (p0, v, size) in zip(scene["objects"], starts):
+                low, span = size / 2, world.SIZE - size  # a bounce is a triangle wave of the free motion
+                u = np.mod(p0 - low + v * t, 2 * span)
+                np.testing.assert_allclose(obj["centre"], low + np.where(u <= span, u, 2 * span - u), atol=1e-9)
+
+
+def test_world_is_reproducible_with_a_seed(tmp_path):
+    for seed, folder in [(5, "a"), (5, "b"), (6, "c")]:
+        world.main(["render", "--out", str(tmp_path / folder), "--seed", str(seed), "--clips", "2", "--pairs", "2"])
+    a, b, c = (tree_bytes(tmp_path / f) for f in "abc")
+    assert a == b and a != c and len(a) == 2 * 8 + 4 * 2 * 2
+
+
+def test_prompts_and_score_against_the_baselines(tmp_path, capsys):
+    world.main(["prompts", "--out", str(tmp_path), "--per_task", "1"])
+    jobs = [json.loads(line) for line in open(tmp_path / "jobs.jsonl")]
+    assert [j["task"] for j in jobs] == ["sequence", *world.TASKS]
+    assert len(jobs[0]["input"]) == 4 and len(jobs[1]["input"]) == 5  # frames; 2 pairs + query
+    for job in jobs:  # a perfect model
+        os.makedirs(tmp_path / "answers", exist_ok=True)
+        shutil.copy(tmp_path / job["target"], tmp_path / job["output"])
+    capsys.readouterr()
+    world.main(["score", str(tmp_path)])
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:len(jobs) + 1]]
+    assert all(float(row[2]) == 0 and float(row[-1]) == 0 for row in rows)  # model MSE 0, ratio 0
+    assert (tmp_path / "results.png").exists()
+    with pytest.raises(SystemExit) as exit_info:
+        world.main(["prompts", "--out", str(tmp_path), "--per_task", "0"])
+    assert exit_info.value.code == 2 and "--per_task must be at least 1" in capsys.readouterr().err
+
+
+def test_toy_vqgan_trainer_writes_a_folder_the_tokenizer_loads(tmp_path):
+    world.main(["render", "--out", str(tmp_path / "data"), "--clips", "1", "--pairs", "2"])
+    train_vqgan.main(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "vq"), "--steps", "3",
+                      "--ae_steps", "1", "--restart_every", "1", "--batch_size", "2", "--crop", "32",
+                      "--codes", "16", "--eval_images", "2"])
+    params, config = vqgan.load_vqgan(tmp_path / "vq")
+    assert config.norm_num_groups == 8 and config.num_embeddings == 16
+    images = np.stack([world.load(p) for p in sorted((tmp_path / "data" / "flip" / "x").glob("*.png"))])
+    tokens = vqgan.encode(params, config, images)
+    assert tokens.shape == (2, 256) and tokens.max() < 16

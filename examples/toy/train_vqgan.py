@@ -1,0 +1,196 @@
+"""Train a small muse-family VQGAN from scratch on a folder of images (the toy world's renders).
+
+    python examples/toy/train_vqgan.py --data DIR --out VQGAN_DIR [--steps 1500 --crop 128]
+
+The result is a folder vqgan.load_vqgan reads like the released tokenizer (config.json +
+model.safetensors in the muse layout), so tokenize_data.py and sample.py use it unchanged.
+Losses: reconstruction (MSE) + codebook + commitment, straight-through gradients (no perceptual or
+adversarial loss: no pretrained network is available offline). The codebook is kept alive: the
+first --ae_steps train a plain autoencoder, then the codes start as encoder outputs, and codes
+unused for --restart_every steps are moved onto encoder outputs of the current batch.
+The network is fully convolutional (no attention), so it trains on random crops aligned to the
+16-pixel token grid and runs on whole 256x256 images.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+import model  # noqa: E402  (the repo's shared libraries)
+import vqgan  # noqa: E402
+
+
+def init_params(config, key):
+    """Random muse-layout params (JAX layout: convs HWIO) for every tensor the config has."""
+    params = {}
+    for i, (name, shape) in enumerate(sorted(vqgan.expected_shapes(config).items())):
+        key_i = jax.random.fold_in(key, i)
+        if len(shape) == 4:  # torch (out, in, kh, kw) -> (kh, kw, in, out), He init
+            out_ch, in_ch, kh, kw = shape
+            params[name] = jax.random.normal(key_i, (kh, kw, in_ch, out_ch)) * (2 / (in_ch * kh * kw)) ** 0.5
+        elif name == "quantize.embedding.weight":
+            params[name] = jax.random.normal(key_i, shape)
+        elif name.endswith(".weight") and ("norm" in name):
+            params[name] = jnp.ones(shape)
+        else:
+            params[name] = jnp.zeros(shape)
+    if "decoder.conv_out.weight" in params:  # start near the mean colour, not a random image
+        params["decoder.conv_out.weight"] *= 0.1
+        params["decoder.conv_out.bias"] += 0.5
+    return params
+
+
+def latents(params, config, images):
+    return vqgan.conv(params, "quant_conv", vqgan.encoder(params, config, images))  # (b, h/16, w/16, dim)
+
+
+def quantize(z, codebook):
+    """Nearest code of every latent -> (quantized latents, code ids)."""
+    flat = z.reshape(-1, z.shape[-1])
+    distances = jnp.sum(flat * flat, -1, keepdims=True) + jnp.sum(codebook * codebook, -1) - 2 * flat @ codebook.T
+    ids = jnp.argmin(distances, -1)
+    return codebook[ids].reshape(z.shape), ids
+
+
+def loss_fn(params, config, images, use_codes, beta):
+    z = latents(params, config, images)
+    codebook = params["quantize.embedding.weight"]
+    if use_codes:
+        codes, ids = quantize(z, codebook)
+        vq_loss = jnp.mean((jax.lax.stop_gradient(z) - codes) ** 2) + beta * jnp.mean((z - jax.lax.stop_gradient(codes)) ** 2)
+        z = z + jax.lax.stop_gradient(codes - z)  # straight-through
+    else:
+        ids, vq_loss = jnp.zeros(z.shape[:-1], jnp.int32).reshape(-1), 0.0
+    recon = vqgan.decoder(params, config, vqgan.conv(params, "post_quant_conv", z))
+    mse = jnp.mean((recon - images) ** 2)
+    usage = jnp.zeros(codebook.shape[0], jnp.int32).at[ids].add(1)
+    return mse + vq_loss, (mse, usage)
+
+
+def load_images(folder, limit, rng):
+    paths = sorted(os.path.join(root, f) for root, _, files in os.walk(folder) for f in files
+                   if os.path.splitext(f)[1].lower() in vqgan.IMAGE_EXTENSIONS)
+    if not paths:
+        raise SystemExit(f"error: {folder}: no images (.png, .jpg, ...) found")
+    paths = [paths[i] for i in rng.permutation(len(paths))[:limit]]
+    images = np.stack([np.round(vqgan.load_image(p) * 255).astype(np.uint8)
+                       for p in tqdm(paths, desc="loading", unit="img", leave=False)])
+    return images
+
+
+def random_crops(images, crop, batch, rng):
+    """(batch, crop, crop, 3) float32, corners on the 16-pixel token grid. Crops of one flat colour
+    are redrawn: every whole toy image has objects, and GroupNorm's gradient (eps 1e-6) explodes
+    on an input without variance."""
+    cells = (vqgan.IMAGE_SIZE - crop) // 16 + 1
+    crops = []
+    while len(crops) < batch:
+        i, top, left = rng.integers(0, len(images)), *(rng.integers(0, cells, 2) * 16)
+        candidate = images[i, top:top + crop, left:left + crop]
+        if candidate.std() > 2:  # uint8 levels
+            crops.append(candidate)
+    return np.stack(crops).astype(np.float32) / 255
+
+
+def psnr(mse):
+    return -10 * np.log10(max(float(mse), 1e-10))
+
+
+def save(folder, config, params):
+    """config.json + model.safetensors, muse names and PyTorch layouts (convs (out, in, kh, kw))."""
+    def torch_layout(array):
+        array = np.asarray(array, np.float32)
+        return array.transpose(3, 2, 0, 1) if array.ndim == 4 else array
+
+    entries = [(name, torch_layout(a).shape, np.float32, lambda a=a: torch_layout(a)) for name, a in sorted(params.items())]
+    fields = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(config).items()}
+    with model.atomic_dir(folder) as tmp:
+        model.write_safetensors(os.path.join(tmp, "model.safetensors"), entries, metadata={"format": "pt"})
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(fields, f, indent=2)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", required=True, help="folder searched recursively for images")
+    p.add_argument("--out", required=True, help="VQGAN folder to write")
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--ae_steps", type=int, default=200, help="first steps without quantization")
+    p.add_argument("--batch_size", type=int, default=16)
+    p.add_argument("--crop", type=int, default=64, help="training crop side, a multiple of 16")
+    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--beta", type=float, default=0.25, help="commitment cost")
+    p.add_argument("--restart_every", type=int, default=100, help="steps between dead-code restarts")
+    p.add_argument("--hidden", type=int, default=32)
+    p.add_argument("--channel_mult", default="1,1,2,2,4")
+    p.add_argument("--res_blocks", type=int, default=1)
+    p.add_argument("--groups", type=int, default=8, help="GroupNorm groups (muse: 32)")
+    p.add_argument("--z_channels", type=int, default=32)
+    p.add_argument("--embed_dim", type=int, default=8, help="code dimension")
+    p.add_argument("--codes", type=int, default=1024)
+    p.add_argument("--max_images", type=int, default=2000)
+    p.add_argument("--eval_images", type=int, default=32, help="held out, scored at the end")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.crop % 16 or not 16 <= args.crop <= vqgan.IMAGE_SIZE:
+        p.error("--crop must be a multiple of 16 in [16, 256]")
+    config = vqgan.VQConfig(hidden_channels=args.hidden, channel_mult=tuple(int(m) for m in args.channel_mult.split(",")),
+                            num_res_blocks=args.res_blocks, z_channels=args.z_channels, num_embeddings=args.codes,
+                            quantized_embed_dim=args.embed_dim, norm_num_groups=args.groups)
+    rng = np.random.default_rng(args.seed)
+    images = load_images(args.data, args.max_images + args.eval_images, rng)
+    held_out, images = images[:args.eval_images], images[args.eval_images:]
+    if len(images) == 0:
+        raise SystemExit(f"error: {args.data}: all {len(held_out)} images were held out; render more")
+
+    params = init_params(config, jax.random.key(args.seed))
+    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, min(100, args.steps // 10), args.steps, args.lr / 20)
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
+    opt_state = optimizer.init(params)
+
+    def train_step(params, opt_state, images, use_codes):
+        (loss, (mse, usage)), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, config, images, use_codes, args.beta)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, mse, usage
+
+    train_step = jax.jit(train_step, static_argnums=3, donate_argnums=(0, 1))
+    encode_latents = jax.jit(lambda params, x: latents(params, config, x))
+    usage = np.zeros(args.codes, np.int64)
+    bar = tqdm(range(args.steps), unit="step", desc="vqgan")
+    start = time.perf_counter()
+    for step in bar:
+        batch = random_crops(images, args.crop, args.batch_size, rng)
+        use_codes = step >= args.ae_steps
+        if step == args.ae_steps or (use_codes and (step - args.ae_steps) % args.restart_every == 0 and step > args.ae_steps):
+            # (re)start codes on encoder outputs: all of them at first, then only the unused ones
+            z = np.asarray(encode_latents(params, jnp.asarray(batch))).reshape(-1, args.embed_dim)
+            dead = np.arange(args.codes) if step == args.ae_steps else np.flatnonzero(usage == 0)
+            if len(dead):
+                picks = z[rng.integers(0, len(z), len(dead))] + rng.normal(0, 1e-3, (len(dead), args.embed_dim))
+                params["quantize.embedding.weight"] = params["quantize.embedding.weight"].at[dead].set(picks)
+            usage[:] = 0
+        params, opt_state, mse, step_usage = train_step(params, opt_state, jnp.asarray(batch), use_codes)
+        if step % 10 == 0 or step == args.steps - 1:
+            usage += np.asarray(step_usage)
+            bar.set_postfix(loss=f"{float(mse):.4f}", psnr=f"{psnr(mse):.1f}dB", codes_used=int((usage > 0).sum()),
+                            crops_s=f"{(step + 1) * args.batch_size / (time.perf_counter() - start):.1f}")
+        else:
+            usage += np.asarray(step_usage)
+    save(args.out, config, {k: np.asarray(v) for k, v in params.items()})
+    loaded, loaded_config = vqgan.load_vqgan(args.out)  # score what was written, through the real path
+    recon = vqgan.decode(loaded, loaded_config, vqgan.encode(loaded, loaded_config, held_out.astype(np.float32) / 255))
+    scores = [psnr(np.mean((r - h.astype(np.float32) / 255) ** 2)) for r, h in zip(recon, held_out)]
+    print(f"wrote {args.out}: held-out PSNR {np.mean(scores):.2f} dB over {len(held_out)} images "
+          f"(min {np.min(scores):.2f}), {args.steps} steps in {time.perf_counter() - start:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""A toy visual world for LVM in miniature: flat shapes on plain or gradient backgrounds.
+
+    python examples/toy/world.py render  --out DIR --seed S [--clips N --frames F --pairs N]
+    python examples/toy/world.py prompts --out DIR --seed S [--per_task N]
+    python examples/toy/world.py score   DIR
+
+render writes training data in the folder layouts tokenize_data.py reads: DIR/clips/clip_K/ (one
+folder of frames per clip, every object moving at its own constant velocity of at least 16 px per
+frame, bouncing off the borders) and DIR/TASK/x/ + DIR/TASK/y/ (analogy pairs matched by file stem).
+Three tasks (flip, recolour, segment) take the same kind of query, a plain scene, so only the
+example pairs say which one is asked. prompts writes held-out prompts with their true answers and
+DIR/jobs.jsonl for `sample.py --batch`; score compares the model's answers with the truth and with
+trivial baselines, and draws DIR/results.png.
+"""
+import argparse
+import json
+import os
+
+import numpy as np
+from PIL import Image
+
+SIZE = 256
+SHAPES = ("square", "circle", "triangle")
+COLOURS = np.array([[20, 40, 180], [230, 30, 30], [40, 190, 40], [40, 210, 230], [255, 150, 200],
+                    [255, 240, 40]], np.float32) / 255  # blue, red, green, cyan, pink, yellow
+BACKGROUNDS = np.array([[90, 90, 100], [150, 140, 120], [70, 100, 80], [120, 90, 110], [170, 170, 180],
+                        [100, 120, 150], [60, 60, 60], [140, 110, 80]], np.float32) / 255  # muted
+SEGMENT_COLOURS = np.array([[255, 255, 255], [255, 0, 255], [255, 255, 0]], np.float32) / 255  # per shape kind
+RECOLOUR = np.roll(np.arange(len(COLOURS)), -1)  # colour k becomes colour k + 1
+TASKS = ("flip", "recolour", "segment", "inpaint")
+MIN_SPEED = 16  # px per frame along the faster axis: copying the last frame is clearly wrong
+
+
+def random_scene(rng):
+    """A scene description: background and 1-3 objects {shape, colour, size, centre, velocity}."""
+    background = {"colours": rng.choice(len(BACKGROUNDS), 2, replace=False),
+                  "gradient": rng.choice(["none", "horizontal", "vertical"])}
+    objects = []
+    for _ in range(rng.integers(1, 4)):
+        size = int(rng.integers(32, 65))
+        velocity = rng.integers(-24, 25, 2)
+        while np.abs(velocity).max() < MIN_SPEED:
+            velocity = rng.integers(-24, 25, 2)
+        objects.append({"shape": int(rng.integers(len(SHAPES))), "colour": int(rng.integers(len(COLOURS))),
+                        "size": size, "centre": rng.uniform(size / 2, SIZE - size / 2, 2),
+                        "velocity": velocity.astype(float)})
+    return {"background": background, "objects": objects}
+
+
+def shape_mask(shape, size, centre):
+    """Boolean (SIZE, SIZE) silhouette of one object; centre is (x, y) in pixels."""
+    y, x = np.mgrid[0:SIZE, 0:SIZE] + 0.5
+    dx, dy, half = x - centre[0], y - centre[1], size / 2
+    if SHAPES[shape] == "square":
+        return (np.abs(dx) <= half) & (np.abs(dy) <= half)
+    if SHAPES[shape] == "circle":
+        return dx * dx + dy * dy <= half * half
+    return (np.abs(dy) <= half) & (np.abs(dx) <= (dy + half) / 2)  # triangle, apex up
+
+
+def draw_background(background):
+    first, second = BACKGROUNDS[background["colours"]]
+    ramp = np.linspace(0, 1, SIZE, dtype=np.float32)
+    if background["gradient"] == "horizontal":
+        weight = np.broadcast_to(ramp[None, :], (SIZE, SIZE))
+    elif background["gradient"] == "vertical":
+        weight = np.broadcast_to(ramp[:, None], (SIZE, SIZE))
+    else:
+        weight = np.zeros((SIZE, SIZE), np.float32)
+    return first * (1 - weight[..., None]) + second * weight[..., None]
+
+
+def render(scene, colours=COLOURS):
+    """float32 (SIZE, SIZE, 3) in [0, 1]; objects drawn in order, later ones in front."""
+    image = draw_background(scene["background"])
+    for obj in scene["objects"]:
+        image[shape_mask(obj["shape"], obj["size"], obj["centre"])] = colours[obj["colour"]]
+    return image
+
+
+def segment(scene):
+    """Each object's silhouette in the fixed colour of its shape kind, on black."""
+    image = np.zeros((SIZE, SIZE, 3), np.float32)
+    for obj in scene["objects"]:
+        image[shape_mask(obj["shape"], obj["size"], obj["centre"])] = SEGMENT_COLOURS[obj["shape"]]
+    return image
+
+
+def mask_box(image, rng):
+    """Inpainting query: one black box of side 25%-50% of the image."""
+    image = image.copy()
+    side = int(rng.integers(SIZE // 4, SIZE // 2 + 1))
+    top, left = rng.integers(0, SIZE - side + 1, 2)
+    image[top:top + side, left:left + side] = 0
+    return image
+
+
+def task_pair(task, rng):
+    """(query x, answer y) of one analogy task on a fresh random scene."""
+    scene = random_scene(rng)
+    image = render(scene)
+    if task == "flip":
+        return image, image[:, ::-1]
+    if task == "recolour":
+        return image, render(scene, COLOURS[RECOLOUR])
+    if task == "segment":
+        return image, segment(scene)
+    return mask_box(image, rng), image
+
+
+def step(scene):
+    """Advance every object by its velocity; an object that would leave the image is reflected at
+    the border and its velocity component flipped (a bounce)."""
+    for obj in scene["objects"]:
+        half = obj["size"] / 2
+        centre, velocity = obj["centre"] + obj["velocity"], obj["velocity"].copy()
+        for axis in range(2):
+            low, high = half, SIZE - half
+            if centre[axis] < low:
+                centre[axis], velocity[axis] = 2 * low - centre[axis], -velocity[axis]
+            elif centre[axis] > high:
+                centre[axis], velocity[axis] = 2 * high - centre[axis], -velocity[axis]
+        obj["centre"], obj["velocity"] = centre, velocity
+
+
+def clip(rng, frames):
+    """A list of `frames` images of one scene in motion."""
+    scene = random_scene(rng)
+    images = []
+    for _ in range(frames):
+        images.append(render(scene))
+        step(scene)
+    return images
+
+
+def save(path, image):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)).save(path)
+
+
+def load(path):
+    with Image.open(path) as img:
+        return np.asarray(img.convert("RGB"), np.float32) / 255
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+
+def render_data(args):
+    rng = np.random.default_rng([args.seed, 0])
+    for c in range(args.clips):
+        for f, image in enumerate(clip(rng, args.frames)):
+            save(os.path.join(args.out, "clips", f"clip_{c:05d}", f"frame_{f:02d}.png"), image)
+    for t, task in enumerate(TASKS):
+        rng = np.random.default_rng([args.seed, 1 + t])
+        for k in range(args.pairs):
+            x, y = task_pair(task, rng)
+            save(os.path.join(args.out, task, "x", f"{k:05d}.png"), x)
+            save(os.path.join(args.out, task, "y", f"{k:05d}.png"), y)
+    print(f"wrote {args.clips} clips of {args.frames} frames and {args.pairs} pairs for each of "
+          f"{', '.join(TASKS)} to {args.out}")
+
+
+def write_prompts(args):
+    """Held-out prompts: sequence = --context_frames frames -> the next; analogy = --shots example
+    pairs and a query -> the query's answer."""
+    jobs = []
+    for t, task in enumerate(("sequence",) + TASKS):
+        rng = np.random.default_rng([args.seed, 100 + t])
+        for k in range(args.per_task):
+            name = os.path.join("prompts", f"{task}_{k:03d}")
+            if task == "sequence":
+                frames = clip(rng, args.context_frames + 1)
+                inputs, target = frames[:-1], frames[-1]
+            else:
+                pairs = [task_pair(task, rng) for _ in range(args.shots + 1)]
+                inputs = [image for pair in pairs[:-1] for image in pair] + [pairs[-1][0]]
+                target = pairs[-1][1]
+            paths = [os.path.join(name, f"{i}.png") for i in range(len(inputs))]
+            for path, image in zip(paths, inputs):
+                save(os.path.join(args.out, path), image)
+            save(os.path.join(args.out, name, "target.png"), target)
+            jobs.append({"task": task, "input": paths, "target": os.path.join(name, "target.png"),
+                         "output": os.path.join("answers", f"{task}_{k:03d}.png")})
+    with open(os.path.join(args.out, "jobs.jsonl"), "w") as f:
+        f.writelines(json.dumps(job) + "\n" for job in jobs)
+    print(f"wrote {len(jobs)} prompts ({args.per_task} per task) and {os.path.join(args.out, 'jobs.jsonl')}")
+
+
+def thumbnail(image, side=128):
+    return np.asarray(Image.fromarray(np.round(image * 255).astype(np.uint8)).resize((side, side)), np.float32) / 255
+
+
+def score(args):
+    """Per task: mean MSE of the model's answers and of three trivial baselines."""
+    with open(os.path.join(args.dir, "jobs.jsonl")) as f:
+        jobs = [json.loads(line) for line in f if line.strip()]
+    rows, examples = {}, {}
+    for job in jobs:
+        output = os.path.join(args.dir, job["output"])
+        if not os.path.isfile(output):
+            continue
+        inputs = [load(os.path.join(args.dir, p)) for p in job["input"]]
+        target, answer = load(os.path.join(args.dir, job["target"])), load(output)
+        candidates = {"model": answer, "copy last": inputs[-1], "copy before last": inputs[-2],
+                      "mean of inputs": np.mean(inputs, axis=0)}
+        errors = {name: float(np.mean((image - target) ** 2)) for name, image in candidates.items()}
+        rows.setdefault(job["task"], []).append(errors)
+        examples.setdefault(job["task"], []).append(inputs + [answer, target])
+    if not rows:
+        raise SystemExit(f"error: {args.dir}: no answers written yet (run sample.py --batch {args.dir}/jobs.jsonl)")
+    names = list(rows[next(iter(rows))][0])
+    print(f"{'task':<10} {'n':>3} " + " ".join(f"{n:>16}" for n in names) + f" {'model/best':>11}")
+    for task, errors in rows.items():
+        means = {n: np.mean([e[n] for e in errors]) for n in names}
+        best = min(means[n] for n in names[1:])
+        print(f"{task:<10} {len(errors):>3} " + " ".join(f"{means[n]:>16.4f}" for n in names) +
+              f" {means['model'] / best:>11.2f}")
+    columns = max(len(e) for rows_ in examples.values() for e in rows_[:2])
+    tiles = []
+    for task in examples:
+        for row in examples[task][:2]:  # prompt images, then the model's answer, then the truth
+            row = [thumbnail(image) for image in row]
+            blank = [np.ones_like(row[0])] * (columns - len(row))
+            tiles.append(np.concatenate(row[:-2] + blank + row[-2:], axis=1))
+    save(os.path.join(args.dir, "results.png"), np.concatenate(tiles, axis=0))
+    print(f"results: {os.path.join(args.dir, 'results.png')} (each row: prompt | model answer | truth)")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = p.add_subparsers(dest="command", required=True)
+    r = commands.add_parser("render", help="training data: clips and analogy pairs")
+    r.add_argument("--out", required=True)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--clips", type=int, default=200)
+    r.add_argument("--frames", type=int, default=8)
+    r.add_argument("--pairs", type=int, default=200, help="pairs per analogy task")
+    q = commands.add_parser("prompts", help="held-out prompts with answers, and jobs.jsonl")
+    q.add_argument("--out", required=True)
+    q.add_argument("--seed", type=int, default=1)
+    q.add_argument("--per_task", type=int, default=10)
+    q.add_argument("--shots", type=int, default=2, help="example pairs per analogy prompt")
+    q.add_argument("--context_frames", type=int, default=4, help="frames per sequence prompt")
+    s = commands.add_parser("score", help="model answers vs truth and trivial baselines")
+    s.add_argument("dir")
+    args = p.parse_args(argv)
+    for name in ("clips", "frames", "pairs", "per_task", "shots", "context_frames"):
+        if getattr(args, name, 1) < 1:
+            p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    try:
+        {"render": render_data, "prompts": write_prompts, "score": score}[args.command](args)
+    except OSError as e:
+        p.exit(1, f"error: {e.filename}: {e.strerror}\n")
+
+
+if __name__ == "__main__":
+    main()
