@@ -47,6 +47,8 @@ class Config:
 
 CONFIGS = {
     "debug": Config(128, 256, 2, 4),
+    # examples/toy: 4 layers for in-context copying, a vocab for its 1024-code VQGAN + 100 special ids
+    "toy": Config(192, 512, 4, 6, vocab=1124),
     "100m": Config(640, 1664, 22, 10),
     "300m": Config(1024, 2688, 22, 8),
     "600m": Config(1536, 4096, 22, 16),
@@ -519,6 +521,15 @@ def save_checkpoint(path, config, params, overwrite=False):
         write_checkpoint_files(tmp, config, tensor_entries(params))
         write_checksums(tmp)
 
+
+
+def run_checkpoints(run):
+    """A train.py run folder's complete checkpoints, oldest first (a .tmp folder is an interrupted
+    write, and has no train_state.json)."""
+    if not os.path.isdir(run):
+        return []
+    found = [os.path.join(run, name) for name in os.listdir(run) if re.fullmatch(r"step_\d{8}", name)]
+    return sorted(p for p in found if os.path.isfile(os.path.join(p, "train_state.json")))
 
 
 def load_checkpoint(path):

@@ -85,6 +85,10 @@ def generate(params, config, prompt, new_images, candidates, context_images, sam
 
 
 def load_model(path, dtype, context_images, codes):
+    """A checkpoint, a Hugging Face folder, or a train.py run folder (its newest checkpoint)."""
+    if not os.path.isfile(os.path.join(path, "config.json")) and model.run_checkpoints(path):
+        path = model.run_checkpoints(path)[-1]
+        print(f"using the newest checkpoint of the run: {path}")
     config, params = model.load_checkpoint(path)
     if config.vocab < codes:
         raise ValueError(f"{path}: vocab {config.vocab} cannot hold the VQGAN's {codes} codes")

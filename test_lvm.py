@@ -833,7 +833,7 @@ def test_resume_gives_exactly_the_uninterrupted_run(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         train.main(train_args(data, tmp_path / "parts", "--steps", "6", "--save_every", "2"))
     monkeypatch.setattr(model, "write_safetensors", real_write)
-    assert [os.path.basename(p) for p in train.checkpoints(tmp_path / "parts")] == ["step_00000004"]
+    assert [os.path.basename(p) for p in model.run_checkpoints(tmp_path / "parts")] == ["step_00000004"]
     train.main(train_args(data, tmp_path / "parts", "--steps", "8", "--save_every", "4"))
     _, whole = model.load_checkpoint(tmp_path / "whole" / "step_00000008")
     _, parts = model.load_checkpoint(tmp_path / "parts" / "step_00000008")
@@ -1261,7 +1261,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, caps
     with pytest.raises(SystemExit, match=r"loss is \S+, gradient norm nan at step \d+; stopping. The last good checkpoint is .*step_00000002"):
         train.main(train_args(data, tmp_path / "run", "--steps", "10", "--save_every", "2", "--warmup", "1",
                               "--lr", "1e38", "--end_lr", "1e38"))
-    assert [os.path.basename(p) for p in train.checkpoints(tmp_path / "run")] == ["step_00000002"]
+    assert [os.path.basename(p) for p in model.run_checkpoints(tmp_path / "run")] == ["step_00000002"]
     _, params = model.load_checkpoint(tmp_path / "run" / "step_00000002")
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
@@ -1371,3 +1371,32 @@ def test_toy_vqgan_trainer_writes_a_folder_the_tokenizer_loads(tmp_path):
     images = np.stack([world.load(p) for p in sorted((tmp_path / "data" / "flip" / "x").glob("*.png"))])
     tokens = vqgan.encode(params, config, images)
     assert tokens.shape == (2, 256) and tokens.max() < 16
+
+
+def test_toy_pipeline_smoke_run_hands_each_stage_what_the_next_needs(tmp_path):
+    import subprocess
+    result = subprocess.run(["bash", os.path.join(HERE, "examples", "toy", "run.sh"), str(tmp_path / "toy"), "--smoke"],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    out = tmp_path / "toy"
+    assert len(list((out / "data" / "clips").iterdir())) == 2 and len(list((out / "data" / "flip" / "y").iterdir())) == 4
+    _, vq_config = vqgan.load_vqgan(out / "vqgan")
+    lines = [np.frombuffer(base64.b64decode(json.loads(line)["tokens"]), "<i4") for line in open(out / "tokens" / "dataset.jsonl")]
+    assert len(lines) == 20 and all(len(t) == 6 * 256 and t.max() < vq_config.num_embeddings for t in lines)
+    config, _ = model.load_checkpoint(out / "lvm" / "step_00000002")
+    assert config == model.CONFIGS["toy"] and config.vocab >= vq_config.num_embeddings
+    jobs = [json.loads(line) for line in open(out / "prompts" / "jobs.jsonl")]
+    assert all((out / "prompts" / job["output"]).is_file() for job in jobs) and (out / "prompts" / "results.png").is_file()
+    table = result.stdout[result.stdout.index("model/best"):]
+    assert all(task in table for task in ("sequence", *world.TASKS))
+    rerun = subprocess.run(["bash", os.path.join(HERE, "examples", "toy", "run.sh"), str(out), "--smoke"],
+                           capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0 and "wrote" not in rerun.stdout.split("== 7/7")[0]  # complete stages are skipped
+
+
+@pytest.mark.parametrize("argv, message", [([], "usage: bash examples/toy/run.sh OUT"),
+                                           (["/proc/toy"], "/proc/toy: cannot write there")])
+def test_toy_pipeline_bad_arguments(argv, message):
+    import subprocess
+    result = subprocess.run(["bash", os.path.join(HERE, "examples", "toy", "run.sh"), *argv], capture_output=True, text=True)
+    assert result.returncode != 0 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -11,11 +11,9 @@ import argparse
 import base64
 import contextlib
 import dataclasses
-import glob
 import json
 import math
 import os
-import re
 import shutil
 import time
 
@@ -228,14 +226,8 @@ def save(out, step, config, params, opt_state, data_position, keep):
         model.write_checksums(tmp)
         with open(os.path.join(tmp, "train_state.json"), "w") as f:
             json.dump({"step": step, "data_offset": int(data_position[0]), "data_skip": int(data_position[1])}, f)
-    for old in checkpoints(out)[:-keep]:
+    for old in model.run_checkpoints(out)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def checkpoints(out):
-    """Complete checkpoints in out, oldest first (a .tmp folder is an interrupted write)."""
-    found = [p for p in glob.glob(os.path.join(out, "step_*")) if re.fullmatch(r"step_\d{8}", os.path.basename(p))]
-    return sorted(p for p in found if os.path.isfile(os.path.join(p, "train_state.json")))
 
 
 def restore(path, config, optimizer, shardings):
@@ -266,7 +258,7 @@ def restore(path, config, optimizer, shardings):
 
 def resume(out, config, optimizer, shardings):
     """The newest checkpoint that loads; a damaged one is named and the previous one tried."""
-    for path in reversed(checkpoints(out)):
+    for path in reversed(model.run_checkpoints(out)):
         try:
             restored = restore(path, config, optimizer, shardings)
             print(f"resuming from {path} (step {restored[2]})")
@@ -362,7 +354,7 @@ def main(argv=None):
     shardings = state_shardings(config, optimizer, mesh)
     eval_batches = read_eval_batches(args, config.vocab) if args.eval_data else []
     restored = resume(args.out, config, optimizer, shardings)
-    if checkpoints(args.out) and restored is None:
+    if model.run_checkpoints(args.out) and restored is None:
         raise SystemExit(f"error: every checkpoint in {args.out} is damaged; move them away to start afresh")
     if restored:
         params, opt_state, step, position = restored
@@ -414,7 +406,7 @@ def main(argv=None):
             if not math.isfinite(loss + grad_norm):  # checked before any save, so checkpoints stay good
                 bar.close()
                 raise SystemExit(f"error: loss is {loss}, gradient norm {grad_norm} at step {step}; stopping. The last good "
-                                 f"checkpoint is {(checkpoints(args.out) or ['(none)'])[-1]}")
+                                 f"checkpoint is {(model.run_checkpoints(args.out) or ['(none)'])[-1]}")
             if logging:
                 now = time.perf_counter()
                 seconds = (now - last_time) / (step - last_step)

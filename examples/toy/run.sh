@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# LVM in miniature, offline: render a toy world, train a VQGAN and an LVM on it from scratch, then
+# pose held-out visual prompts and score the answers. Each stage is the project's own CLI; a stage
+# whose output is complete is skipped, so running it again continues where it stopped.
+#
+#   bash examples/toy/run.sh OUT            # the full run (about 25 minutes on 2 CPU cores)
+#   bash examples/toy/run.sh OUT --smoke    # tiny sizes, to check the stages fit together
+set -euo pipefail
+if [ $# -lt 1 ] || [ $# -gt 2 ] || { [ $# -eq 2 ] && [ "$2" != --smoke ]; }; then
+  echo "usage: bash examples/toy/run.sh OUT [--smoke]" >&2
+  exit 2
+fi
+mkdir -p "$1" 2>/dev/null && [ -w "$1" ] || { echo "error: $1: cannot write there" >&2; exit 1; }
+OUT=$(cd "$1" && pwd)
+cd "$(dirname "$0")/../.."
+TOY=examples/toy
+TASKS="flip recolour segment inpaint"
+
+if [ "${2:-}" = --smoke ]; then
+  CLIPS=2 PAIRS=4 VQ_STEPS=4 VQ_AE=2 LVM_STEPS=2 PER_TASK=1 BATCH=1
+else
+  CLIPS=150 PAIRS=150 VQ_STEPS=800 VQ_AE=200 LVM_STEPS=600 PER_TASK=10 BATCH=2
+fi
+VQ_FLAGS="--hidden 16 --channel_mult 1,2,2,4,4 --groups 4 --codes 1024 --embed_dim 8"
+stage() { echo; echo "== $*"; }
+started=$SECONDS
+
+stage "1/7 render the toy world: $CLIPS clips of 12 frames, $PAIRS pairs for each of: $TASKS"
+[ -f "$OUT/data/done" ] || { python $TOY/world.py render --out "$OUT/data" --seed 0 --clips $CLIPS --frames 12 --pairs $PAIRS \
+  && touch "$OUT/data/done"; }
+
+stage "2/7 train the VQGAN ($VQ_STEPS steps)"
+[ -f "$OUT/vqgan/config.json" ] || python $TOY/train_vqgan.py --data "$OUT/data" --out "$OUT/vqgan" \
+  --steps $VQ_STEPS --ae_steps $VQ_AE $VQ_FLAGS
+
+stage "3/7 tokenize: sentences of 6 images (1536 tokens): 6 frames of a clip, or 3 pairs of one task"
+mkdir -p "$OUT/tokens"
+[ -f "$OUT/tokens/clips.jsonl" ] || python tokenize_data.py sequence --input "$OUT/data/clips" \
+  --output "$OUT/tokens/clips.jsonl" --vqgan "$OUT/vqgan" --frames 6
+for task in $TASKS; do
+  [ -f "$OUT/tokens/$task.jsonl" ] || python tokenize_data.py pairs --input "$OUT/data/$task/x" \
+    --targets "$OUT/data/$task/y" --output "$OUT/tokens/$task.jsonl" --vqgan "$OUT/vqgan" --shots 3 --epochs 4
+done
+[ -f "$OUT/tokens/dataset.jsonl" ] || python tokenize_data.py mix --output "$OUT/tokens/dataset.jsonl" \
+  --input "$OUT/tokens/clips.jsonl" $(for task in $TASKS; do echo "$OUT/tokens/$task.jsonl"; done)
+
+SEQ=1536  # one sentence per row, aligned: every line holds exactly 6 images
+stage "4/7 train the LVM ($LVM_STEPS steps of $BATCH x $SEQ tokens)"
+[ -d "$OUT/lvm/step_$(printf %08d $LVM_STEPS)" ] || python train.py --size toy --data "$OUT/tokens/dataset.jsonl" \
+  --out "$OUT/lvm" --steps $LVM_STEPS --batch_size $BATCH --accum 1 --seq_len $SEQ --lr 1e-3 --end_lr 1e-4 \
+  --warmup $((LVM_STEPS / 10)) --decay_steps $LVM_STEPS --dtype float32 --no-remat --log_every 10 \
+  --save_every 200 --mesh 1,1,1
+
+stage "5/7 held-out prompts (seed 1, never used for training): $PER_TASK per task"
+[ -f "$OUT/prompts/jobs.jsonl" ] || python $TOY/world.py prompts --out "$OUT/prompts" --seed 1 --per_task $PER_TASK
+
+stage "6/7 visual prompting, greedy"
+last=$(tail -n 1 "$OUT/prompts/jobs.jsonl" | python -c "import json, sys; print(json.load(sys.stdin)['output'])")
+[ -f "$OUT/prompts/$last" ] || python sample.py --batch "$OUT/prompts/jobs.jsonl" --ckpt "$OUT/lvm" \
+  --vqgan "$OUT/vqgan" --temperature 0
+
+stage "7/7 score: the model's answers against the truth and trivial baselines"
+python $TOY/world.py score "$OUT/prompts"
+echo "done in $(( (SECONDS - started) / 60 )) min $(( (SECONDS - started) % 60 )) s"
