@@ -1367,7 +1367,7 @@ def test_toy_vqgan_trainer_writes_a_folder_the_tokenizer_loads(tmp_path):
                       "--ae_steps", "1", "--restart_every", "1", "--batch_size", "2", "--crop", "32",
                       "--codes", "16", "--eval_images", "2"])
     params, config = vqgan.load_vqgan(tmp_path / "vq")
-    assert config.norm_num_groups == 8 and config.num_embeddings == 16
+    assert config.norm_num_groups == 4 and config.num_embeddings == 16
     images = np.stack([world.load(p) for p in sorted((tmp_path / "data" / "flip" / "x").glob("*.png"))])
     tokens = vqgan.encode(params, config, images)
     assert tokens.shape == (2, 256) and tokens.max() < 16
@@ -1400,3 +1400,16 @@ def test_toy_pipeline_bad_arguments(argv, message):
     import subprocess
     result = subprocess.run(["bash", os.path.join(HERE, "examples", "toy", "run.sh"), *argv], capture_output=True, text=True)
     assert result.returncode != 0 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_mesh_too_big_and_show_of_a_bad_line_give_one_line(tmp_path, tiny_vqgan, capsys):
+    with pytest.raises(SystemExit, match="error: --mesh: mesh '16,1,1' needs 16 devices, there are 8"):
+        train.main(train_args(str(tmp_path / "d.jsonl"), tmp_path / "run", "--mesh", "16,1,1"))
+    for text, message in [("not json\n", "JSONDecodeError"), ('{"other": 1}\n', "KeyError")]:
+        (tmp_path / "bad.jsonl").write_text(text)
+        with pytest.raises(SystemExit):
+            tokenize_data.main(["show", "--input", str(tmp_path / "bad.jsonl"), "--output", str(tmp_path / "x.png"),
+                                "--vqgan", tiny_vqgan[0]])
+        err = capsys.readouterr().err
+        assert "bad.jsonl: line 0 is not a visual sentence" in err and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "x.png").exists()

@@ -308,7 +308,11 @@ def show(args):
                 break
         else:
             raise ValueError(f"{args.input[0]}: has no line {args.line}")
-    tokens = np.frombuffer(base64.b64decode(json.loads(line)["tokens"]), "<i4")
+    try:
+        tokens = np.frombuffer(base64.b64decode(json.loads(line)["tokens"], validate=True), "<i4")
+    except Exception as e:  # not json, no "tokens", not base64, ...
+        raise ValueError(f"{args.input[0]}: line {args.line} is not a visual sentence "
+                         f'({{"tokens": base64 of int32}}): {type(e).__name__}: {e}') from None
     if tokens.size % vqgan.TOKENS_PER_IMAGE:
         raise ValueError(f"{args.input[0]}: line {args.line} has {tokens.size} tokens, not a multiple of 256")
     params, config = vqgan.load_vqgan(args.vqgan)

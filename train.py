@@ -343,7 +343,10 @@ def main(argv=None):
     config = dataclasses.replace(model.CONFIGS[args.size], dtype=args.dtype, remat=args.remat)
     if args.seq_len > config.max_seq:
         raise SystemExit(f"error: --seq_len {args.seq_len} is longer than the model's {config.max_seq}")
-    mesh = model.make_mesh(args.mesh)
+    try:
+        mesh = model.make_mesh(args.mesh)
+    except ValueError as e:
+        raise SystemExit(f"error: --mesh: {e}")
     if args.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
         raise SystemExit(f"error: --batch_size {args.batch_size} must divide over data x fsdp = "
                          f"{mesh.shape['data'] * mesh.shape['fsdp']} devices")

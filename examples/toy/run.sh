@@ -19,9 +19,8 @@ TASKS="flip recolour segment inpaint"
 if [ "${2:-}" = --smoke ]; then
   CLIPS=2 PAIRS=4 VQ_STEPS=4 VQ_AE=2 LVM_STEPS=2 PER_TASK=1 BATCH=1
 else
-  CLIPS=150 PAIRS=150 VQ_STEPS=800 VQ_AE=200 LVM_STEPS=600 PER_TASK=10 BATCH=2
+  CLIPS=150 PAIRS=150 VQ_STEPS=300 VQ_AE=100 LVM_STEPS=600 PER_TASK=10 BATCH=2
 fi
-VQ_FLAGS="--hidden 16 --channel_mult 1,2,2,4,4 --groups 4 --codes 1024 --embed_dim 8"
 stage() { echo; echo "== $*"; }
 started=$SECONDS
 
@@ -31,7 +30,7 @@ stage "1/7 render the toy world: $CLIPS clips of 12 frames, $PAIRS pairs for eac
 
 stage "2/7 train the VQGAN ($VQ_STEPS steps)"
 [ -f "$OUT/vqgan/config.json" ] || python $TOY/train_vqgan.py --data "$OUT/data" --out "$OUT/vqgan" \
-  --steps $VQ_STEPS --ae_steps $VQ_AE $VQ_FLAGS
+  --steps $VQ_STEPS --ae_steps $VQ_AE
 
 stage "3/7 tokenize: sentences of 6 images (1536 tokens): 6 frames of a clip, or 3 pairs of one task"
 mkdir -p "$OUT/tokens"

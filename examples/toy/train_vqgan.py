@@ -1,6 +1,6 @@
 """Train a small muse-family VQGAN from scratch on a folder of images (the toy world's renders).
 
-    python examples/toy/train_vqgan.py --data DIR --out VQGAN_DIR [--steps 1500 --crop 128]
+    python examples/toy/train_vqgan.py --data DIR --out VQGAN_DIR [--steps 300]
 
 The result is a folder vqgan.load_vqgan reads like the released tokenizer (config.json +
 model.safetensors in the muse layout), so tokenize_data.py and sample.py use it unchanged.
@@ -8,8 +8,9 @@ Losses: reconstruction (MSE) + codebook + commitment, straight-through gradients
 adversarial loss: no pretrained network is available offline). The codebook is kept alive: the
 first --ae_steps train a plain autoencoder, then the codes start as encoder outputs, and codes
 unused for --restart_every steps are moved onto encoder outputs of the current batch.
-The network is fully convolutional (no attention), so it trains on random crops aligned to the
-16-pixel token grid and runs on whole 256x256 images.
+It trains on whole 256x256 images by default: the network is fully convolutional, but GroupNorm
+normalises over the whole image, and crops have other statistics (measured: a model at 21 dB on
+64x64 crops gave 15 dB on whole images). Crops (--crop, on the 16-pixel token grid) are faster.
 """
 import argparse
 import json
@@ -122,17 +123,17 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", required=True, help="folder searched recursively for images")
     p.add_argument("--out", required=True, help="VQGAN folder to write")
-    p.add_argument("--steps", type=int, default=1500)
-    p.add_argument("--ae_steps", type=int, default=200, help="first steps without quantization")
-    p.add_argument("--batch_size", type=int, default=16)
-    p.add_argument("--crop", type=int, default=64, help="training crop side, a multiple of 16")
-    p.add_argument("--lr", type=float, default=5e-4)
+    p.add_argument("--steps", type=int, default=300)
+    p.add_argument("--ae_steps", type=int, default=100, help="first steps without quantization")
+    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--crop", type=int, default=256, help="training crop side, a multiple of 16")
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--beta", type=float, default=0.25, help="commitment cost")
     p.add_argument("--restart_every", type=int, default=100, help="steps between dead-code restarts")
-    p.add_argument("--hidden", type=int, default=32)
-    p.add_argument("--channel_mult", default="1,1,2,2,4")
+    p.add_argument("--hidden", type=int, default=16, help="channels at full resolution")
+    p.add_argument("--channel_mult", default="1,2,2,4,4")
     p.add_argument("--res_blocks", type=int, default=1)
-    p.add_argument("--groups", type=int, default=8, help="GroupNorm groups (muse: 32)")
+    p.add_argument("--groups", type=int, default=4, help="GroupNorm groups (muse: 32)")
     p.add_argument("--z_channels", type=int, default=32)
     p.add_argument("--embed_dim", type=int, default=8, help="code dimension")
     p.add_argument("--codes", type=int, default=1024)
