@@ -52,12 +52,7 @@ def to_hf(ckpt, out, dtype="bfloat16", shard_size=5 * 10 ** 9, overwrite=False):
     target = np.dtype(DTYPES[dtype])
     weights = os.path.join(ckpt, "params.safetensors")
     with safe_open(weights, framework="numpy") as f:
-        stored = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
-        expected = {name: s.shape for name, s in model.expected_shapes(config).items()}
-        if stored != expected:  # the config must describe exactly the tensors that are there
-            wrong = sorted(n for n in stored.keys() | expected.keys() if stored.get(n) != expected.get(n))
-            raise ValueError(f"{weights}: tensors do not match {ckpt}/config.json: {wrong[0]} is "
-                             f"{stored.get(wrong[0])} in the file, the config implies {expected.get(wrong[0])}")
+        model.check_shapes(ckpt, config, {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
         def reader(name, layer, transpose):
             def make():
                 array = f.get_slice(name)[layer] if layer is not None else f.get_tensor(name)

@@ -575,13 +575,17 @@ def load_own_checkpoint(path):
         flat = load_file(os.path.join(path, "params.safetensors"))
     except Exception as e:
         raise ValueError(f"{path}: unreadable checkpoint ({e})") from None
-    expected = expected_shapes(config)
-    if set(flat) != set(expected):
-        raise ValueError(f"{path}: tensors {sorted(set(flat) ^ set(expected))} do not match the config")
-    for name, array in flat.items():
-        if array.shape != expected[name].shape:
-            raise ValueError(f"{path}: {name} has shape {array.shape}, config says {expected[name].shape}")
+    check_shapes(path, config, {name: array.shape for name, array in flat.items()})
     return config, flat
+
+
+def check_shapes(path, config, shapes):
+    """The config must describe exactly the tensors that are there ({name: shape}), no more, no fewer."""
+    expected = {name: s.shape for name, s in expected_shapes(config).items()}
+    wrong = sorted(name for name in shapes.keys() | expected.keys() if shapes.get(name) != expected.get(name))
+    if wrong:
+        raise ValueError(f"{path}: tensors do not match config.json: {wrong[0]} is {shapes.get(wrong[0])} in the "
+                         f"file, the config implies {expected.get(wrong[0])}")
 
 
 # Hugging Face Llama names: HF Linear weights are (out, in), ours (in, out); our layers are stacked.

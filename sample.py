@@ -86,8 +86,9 @@ def generate(params, config, prompt, new_images, candidates, context_images, sam
 
 def load_model(path, dtype, context_images, codes):
     """A checkpoint, a Hugging Face folder, or a train.py run folder (its newest checkpoint)."""
-    if not os.path.isfile(os.path.join(path, "config.json")) and model.run_checkpoints(path):
-        path = model.run_checkpoints(path)[-1]
+    found = [] if os.path.isfile(os.path.join(path, "config.json")) else model.run_checkpoints(path)
+    if found:
+        path = found[-1]
         print(f"using the newest checkpoint of the run: {path}")
     config, params = model.load_checkpoint(path)
     if config.vocab < codes:

@@ -257,14 +257,18 @@ def restore(path, config, optimizer, shardings):
 
 
 def resume(out, config, optimizer, shardings):
-    """The newest checkpoint that loads; a damaged one is named and the previous one tried."""
-    for path in reversed(model.run_checkpoints(out)):
+    """The newest checkpoint that loads (None for a new run); a damaged one is named and the
+    previous one tried."""
+    found = model.run_checkpoints(out)
+    for path in reversed(found):
         try:
             restored = restore(path, config, optimizer, shardings)
             print(f"resuming from {path} (step {restored[2]})")
             return restored
         except ValueError as e:
             print(f"warning: {path} is damaged ({e}); trying the previous checkpoint")
+    if found:
+        raise SystemExit(f"error: every checkpoint in {out} is damaged; move them away to start afresh")
     return None
 
 
@@ -357,8 +361,6 @@ def main(argv=None):
     shardings = state_shardings(config, optimizer, mesh)
     eval_batches = read_eval_batches(args, config.vocab) if args.eval_data else []
     restored = resume(args.out, config, optimizer, shardings)
-    if model.run_checkpoints(args.out) and restored is None:
-        raise SystemExit(f"error: every checkpoint in {args.out} is damaged; move them away to start afresh")
     if restored:
         params, opt_state, step, position = restored
         if step >= args.steps:

@@ -170,7 +170,7 @@ def main(argv=None):
     for step in bar:
         batch = random_crops(images, args.crop, args.batch_size, rng)
         use_codes = step >= args.ae_steps
-        if step == args.ae_steps or (use_codes and (step - args.ae_steps) % args.restart_every == 0 and step > args.ae_steps):
+        if use_codes and (step - args.ae_steps) % args.restart_every == 0:
             # (re)start codes on encoder outputs: all of them at first, then only the unused ones
             z = np.asarray(encode_latents(params, jnp.asarray(batch))).reshape(-1, args.embed_dim)
             dead = np.arange(args.codes) if step == args.ae_steps else np.flatnonzero(usage == 0)
@@ -179,12 +179,10 @@ def main(argv=None):
                 params["quantize.embedding.weight"] = params["quantize.embedding.weight"].at[dead].set(picks)
             usage[:] = 0
         params, opt_state, mse, step_usage = train_step(params, opt_state, jnp.asarray(batch), use_codes)
+        usage += np.asarray(step_usage)
         if step % 10 == 0 or step == args.steps - 1:
-            usage += np.asarray(step_usage)
             bar.set_postfix(loss=f"{float(mse):.4f}", psnr=f"{psnr(mse):.1f}dB", codes_used=int((usage > 0).sum()),
                             crops_s=f"{(step + 1) * args.batch_size / (time.perf_counter() - start):.1f}")
-        else:
-            usage += np.asarray(step_usage)
     save(args.out, config, {k: np.asarray(v) for k, v in params.items()})
     loaded, loaded_config = vqgan.load_vqgan(args.out)  # score what was written, through the real path
     recon = vqgan.decode(loaded, loaded_config, vqgan.encode(loaded, loaded_config, held_out.astype(np.float32) / 255))
