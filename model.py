@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
 from safetensors import SafetensorError, safe_open
-from safetensors.numpy import load_file
 
 
 @dataclass(frozen=True)
@@ -480,6 +479,7 @@ def bounded(kind, low, high=None):
 
 SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", np.dtype(jnp.bfloat16): "BF16", np.dtype(np.float16): "F16",
                       np.dtype(np.int32): "I32"}
+NUMPY_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 
 
 def write_safetensors(path, entries, metadata=None):
@@ -532,23 +532,39 @@ def run_checkpoints(run):
     return sorted(p for p in found if os.path.isfile(os.path.join(p, "train_state.json")))
 
 
-def load_checkpoint(path):
-    """-> (Config, params as numpy arrays in their stored dtype) from a model.py checkpoint or a
-    Hugging Face LlamaForCausalLM folder (such as the released LVM 7B)."""
-    path = str(path)
-    if is_hf_folder(path):
-        config, entries = hf_tensors(path)
-        flat = {name: make() for name, _, _, make in entries}
-    else:
-        config, flat = load_own_checkpoint(path)
-    params = {}
+def unflatten(flat):
+    """{"layers.wq": array} -> {"layers": {"wq": array}}: the inverse of flatten."""
+    tree = {}
     for name, array in flat.items():
         *parents, leaf = name.split(".")
-        node = params
+        node = tree
         for parent in parents:
             node = node.setdefault(parent, {})
         node[leaf] = array
-    return config, params
+    return tree
+
+
+def checkpoint_tensors(path):
+    """A model.py checkpoint or a Hugging Face LlamaForCausalLM folder (such as the released LVM 7B)
+    -> (Config, [(our name, shape, stored dtype, read)]): read(index) returns that part of the
+    tensor (a tuple of slices; none = all of it), so a caller can hold one piece at a time."""
+    path = str(path)
+    return hf_tensors(path) if is_hf_folder(path) else own_tensors(path)
+
+
+def load_checkpoint(path):
+    """-> (Config, params as numpy arrays in their stored dtype)."""
+    config, entries = checkpoint_tensors(path)
+    return config, unflatten({name: read() for name, _, _, read in entries})
+
+
+def load_sharded(path, mesh, dtype=np.float32):
+    """-> (Config, params placed in their shards on `mesh` as `dtype`): every device's piece is read
+    from the files straight into place, so host memory holds one piece at a time, never the model."""
+    config, entries = checkpoint_tensors(path)
+    shardings = dict(flatten(param_shardings(config, mesh)))
+    return config, unflatten({name: jax.make_array_from_callback(
+        shape, shardings[name], lambda index, read=read: np.asarray(read(index), dtype)) for name, shape, _, read in entries})
 
 
 def expected_shapes(config):
@@ -568,15 +584,26 @@ def read_config(path):
     return check_config(fields, f"{path}/config.json")
 
 
-def load_own_checkpoint(path):
+def read_slice(file, name, index=None):
+    """Part of one tensor of a safetensors file; the file is open only meanwhile, so the pages
+    read do not stay mapped (host memory) after the call."""
+    with safe_open(file, framework="numpy") as f:
+        tensor = f.get_slice(name)  # explicit slices: `...` fails for bfloat16
+        return tensor[tuple(index) if index is not None else (slice(None),) * len(tensor.get_shape())]
+
+
+def own_tensors(path):
     config = read_config(path)
     verify_checksums(path)
+    file = os.path.join(path, "params.safetensors")
     try:
-        flat = load_file(os.path.join(path, "params.safetensors"))
+        with safe_open(file, framework="numpy") as f:
+            stored = {name: (tuple(f.get_slice(name).get_shape()), f.get_slice(name).get_dtype()) for name in f.keys()}
     except Exception as e:
         raise ValueError(f"{path}: unreadable checkpoint ({e})") from None
-    check_shapes(path, config, {name: array.shape for name, array in flat.items()})
-    return config, flat
+    check_shapes(path, config, {name: shape for name, (shape, _) in stored.items()})
+    return config, [(name, shape, NUMPY_DTYPES.get(dtype), partial(read_slice, file, name))
+                    for name, (shape, dtype) in stored.items()]
 
 
 def check_shapes(path, config, shapes):
@@ -678,31 +705,44 @@ def hf_tensors(folder):
         if not (isinstance(shard, str) and shard == os.path.basename(shard) and shard not in ("", ".", "..")
                 and "\\" not in shard and os.path.isfile(os.path.join(folder, shard))):
             raise ValueError(f"{folder}: shard {shard!r} of {name} is not a file name inside the model folder")
-    handles = {}
+    stored = {}  # HF name -> (shape, safetensors dtype), read from the shard headers only
+    try:
+        for shard in sorted(set(weight_map.values())):
+            with safe_open(os.path.join(folder, shard), framework="numpy") as f:
+                stored.update({name: (tuple(f.get_slice(name).get_shape()), f.get_slice(name).get_dtype())
+                               for name in f.keys() if weight_map.get(name) == shard})
+    except (OSError, SafetensorError) as e:
+        raise ValueError(f"{folder}: unreadable Hugging Face folder ({e})") from None
+    expected = expected_shapes(config)
+    for ours, s in expected.items():
+        if ours in HF_NAMES:
+            (hf_name, transpose), names, shape = HF_NAMES[ours], [HF_NAMES[ours][0]], s.shape
+        else:  # stacked: every layer's tensor has the shape after the layer axis
+            hf_name, transpose = HF_LAYER_NAMES[ours.split(".")[1]]
+            names, shape = [f"model.layers.{i}.{hf_name}" for i in range(config.layers)], s.shape[1:]
+        want = shape[::-1] if transpose else shape
+        for name in names:
+            if name not in stored:
+                raise ValueError(f"{folder}: tensor {name} is missing")
+            if stored[name][0] != want:
+                raise ValueError(f"{folder}: {name} has shape {stored[name][0]}, config.json implies {want}")
 
-    def read(name, transpose):
-        if name not in weight_map:
-            raise ValueError(f"{folder}: tensor {name} is missing")
-        shard = weight_map[name]
-        if shard not in handles:
-            handles[shard] = safe_open(os.path.join(folder, shard), framework="numpy")
-        array = handles[shard].get_tensor(name)
+    def piece(name, transpose, index):  # index in our (in, out) orientation
+        array = read_slice(os.path.join(folder, weight_map[name]), name, index[::-1] if transpose else index)
         return array.T if transpose else array
 
-    expected = expected_shapes(config)
-
-    def make(ours):
+    def read(ours, index=None):
+        index = tuple(index) if index is not None else (slice(None),) * len(expected[ours].shape)
         if ours in HF_NAMES:
-            array = read(*HF_NAMES[ours])
-        else:
-            hf_name, transpose = HF_LAYER_NAMES[ours.split(".")[1]]
-            array = np.stack([read(f"model.layers.{i}.{hf_name}", transpose) for i in range(config.layers)])
-        if array.shape != expected[ours].shape:
-            raise ValueError(f"{folder}: {ours} has shape {array.shape}, config.json implies {expected[ours].shape}")
-        return array
+            return piece(*HF_NAMES[ours], index)
+        hf_name, transpose = HF_LAYER_NAMES[ours.split(".")[1]]
+        return np.stack([piece(f"model.layers.{i}.{hf_name}", transpose, index[1:])
+                         for i in range(config.layers)[index[0]]])
 
-    dtype = read(HF_NAMES["embed"][0], False).dtype
-    return config, [(name, s.shape, dtype, partial(make, name)) for name, s in expected.items()]
+    dtype = NUMPY_DTYPES.get(stored[HF_NAMES["embed"][0]][1])
+    if dtype is None:
+        raise ValueError(f"{folder}: weights in {stored[HF_NAMES['embed'][0]][1]}; float32, bfloat16 or float16 expected")
+    return config, [(name, s.shape, dtype, partial(read, name)) for name, s in expected.items()]
 
 
 def main():
