@@ -532,6 +532,20 @@ def run_checkpoints(run):
     return sorted(p for p in found if os.path.isfile(os.path.join(p, "train_state.json")))
 
 
+def newest_checkpoint(path):
+    """A checkpoint or Hugging Face folder as it is; a train.py run folder -> its newest checkpoint."""
+    found = [] if os.path.isfile(os.path.join(path, "config.json")) else run_checkpoints(path)
+    return found[-1] if found else str(path)
+
+
+def checkpoint_config(path):
+    """The Config of a model.py checkpoint or Hugging Face folder, from config.json alone."""
+    if not is_hf_folder(path):
+        return read_config(path)
+    with open(os.path.join(path, "config.json")) as f:
+        return config_from_hf(path, json.load(f))
+
+
 def unflatten(flat):
     """{"layers.wq": array} -> {"layers": {"wq": array}}: the inverse of flatten."""
     tree = {}

@@ -86,11 +86,10 @@ def generate(params, config, prompt, new_images, candidates, context_images, sam
 
 def load_model(path, dtype, context_images, codes):
     """A checkpoint, a Hugging Face folder, or a train.py run folder (its newest checkpoint)."""
-    found = [] if os.path.isfile(os.path.join(path, "config.json")) else model.run_checkpoints(path)
-    if found:
-        path = found[-1]
-        print(f"using the newest checkpoint of the run: {path}")
-    config, params = model.load_checkpoint(path)
+    newest = model.newest_checkpoint(path)
+    if newest != path:
+        print(f"using the newest checkpoint of the run: {newest}")
+    config, params = model.load_checkpoint(newest)
     if config.vocab < codes:
         raise ValueError(f"{path}: vocab {config.vocab} cannot hold the VQGAN's {codes} codes")
     if context_images * vqgan.TOKENS_PER_IMAGE > config.max_seq:

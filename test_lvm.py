@@ -750,6 +750,7 @@ def test_damaged_weights_are_refused_by_their_checksum(tmp_path):
 # train.py
 
 import base64
+import math
 
 import optax
 import train
@@ -940,6 +941,127 @@ def test_resume_falls_back_from_a_damaged_checkpoint(tmp_path, capsys):
     _, whole = model.load_checkpoint(tmp_path / "whole" / "step_00000008")
     _, run = model.load_checkpoint(tmp_path / "run" / "step_00000008")
     jax.tree.map(np.testing.assert_array_equal, whole, run)  # resumed from step 4, exactly
+
+
+def warmup_cosine(step, peak, end, warmup, decay_steps):
+    """The schedule written out: linear from 0 to peak over warmup, cosine down to end at decay_steps."""
+    if step < warmup:
+        return peak * step / warmup
+    progress = min(step - warmup, decay_steps - warmup) / (decay_steps - warmup)
+    return end + (peak - end) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def torch_finetune(hf, stream, steps, accum, batch, seq, peak, end, warmup, decay_steps):
+    """The same recipe in PyTorch: AdamW (no decay on norms), clip_grad_norm_, LambdaLR, and the
+    mean loss over `accum` micro-batches. Batch b is tokens [b*R*S, (b+1)*R*S] (R = accum x batch
+    rows of S tokens), inputs and targets shifted by one, as train.py cuts its token stream."""
+    import torch
+    params = dict(hf.named_parameters())
+    groups = [{"params": [p for n, p in params.items() if "norm" not in n], "weight_decay": 0.1},
+              {"params": [p for n, p in params.items() if "norm" in n], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=peak, betas=(0.9, 0.95), eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: warmup_cosine(step, peak, end, warmup, decay_steps) / peak)
+    rows, losses = accum * batch, []
+    for b in range(steps):
+        window = torch.tensor(stream[b * rows * seq:(b + 1) * rows * seq + 1], dtype=torch.long)
+        inputs, targets = window[:-1].view(accum, batch, seq), window[1:].view(accum, batch, seq)
+        optimizer.zero_grad()
+        step_loss = 0.0
+        for a in range(accum):
+            logits = hf(inputs[a]).logits
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets[a].reshape(-1))
+            (loss / accum).backward()
+            step_loss += loss.item() / accum
+        losses.append(step_loss)
+        torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+    return losses
+
+
+def finetune_args(data, out, init, steps, *extra):
+    return ["--init", str(init), "--data", data, "--out", str(out), "--batch_size", "2", "--accum", "2",
+            "--seq_len", "32", "--steps", str(steps), "--warmup", "3", "--decay_steps", "10", "--lr", "1e-2",
+            "--end_lr", "1e-3", "--clip", "1", "--weight_decay", "0.1", "--dtype", "float32", "--log_every", "1",
+            "--mesh", "1,2,4", *extra]
+
+
+def test_init_from_hf_folder_follows_transformers_and_torch_adamw(tmp_path, capsys):
+    hf = hf_llama(DEBUG, seed=3)
+    hf.save_pretrained(tmp_path / "hf", max_shard_size="100KB")  # sharded, as the released 7B is
+    sentences = [np.random.default_rng(i).integers(0, 64, 100) for i in range(20)]  # 2000 tokens, no wrap-around
+    data = write_jsonl(tmp_path / "data.jsonl", sentences)
+    train.main(finetune_args(data, tmp_path / "run", tmp_path / "hf", 10, "--save_every", "10"))
+    assert "starting from the weights of" in capsys.readouterr().out
+    initial = jax.tree.map(np.array, params_from_hf(hf))  # a copy: torch trains its tensors in place
+    losses = torch_finetune(hf, np.concatenate(sentences), 10, accum=2, batch=2, seq=32, peak=1e-2, end=1e-3,
+                            warmup=3, decay_steps=10)
+    ours = read_metrics(tmp_path / "run")
+    np.testing.assert_allclose(ours[0]["loss"], losses[0], rtol=1e-5)
+    _, trained = model.load_checkpoint(tmp_path / "run" / "step_00000010")
+    reference, initial = dict(model.flatten(params_from_hf(hf))), dict(model.flatten(initial))
+    for name, a in model.flatten(trained):
+        b, start = reference[name], initial[name]
+        assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(b), name
+        assert np.linalg.norm(b - start) > 1e-3 * np.linalg.norm(start), name  # it did train
+
+
+def test_rerun_resumes_its_own_checkpoint_and_ignores_init(tmp_path, capsys):
+    hf_llama(DEBUG, seed=3).save_pretrained(tmp_path / "hf")
+    hf_llama(DEBUG, seed=4).save_pretrained(tmp_path / "other")
+    data = copy_corpus(tmp_path / "copy.jsonl", lines=50)
+    train.main(finetune_args(data, tmp_path / "whole", tmp_path / "hf", 6, "--save_every", "3"))
+    train.main(finetune_args(data, tmp_path / "parts", tmp_path / "hf", 3, "--save_every", "3"))
+    capsys.readouterr()
+    train.main(finetune_args(data, tmp_path / "parts", tmp_path / "other", 6, "--save_every", "3"))
+    assert "--init ignored" in capsys.readouterr().out
+    _, whole = model.load_checkpoint(tmp_path / "whole" / "step_00000006")
+    _, parts = model.load_checkpoint(tmp_path / "parts" / "step_00000006")
+    jax.tree.map(np.testing.assert_array_equal, whole, parts)
+
+
+def test_init_from_a_run_folder_takes_its_size_and_newest_checkpoint(tmp_path, capsys):
+    data = copy_corpus(tmp_path / "copy.jsonl", lines=50)
+    train.main(train_args(data, tmp_path / "pretrain", "--steps", "4", "--save_every", "2"))
+    capsys.readouterr()
+    train.main(finetune_args(data, tmp_path / "finetune", tmp_path / "pretrain", 1, "--lr", "0"))
+    assert f"weights of {tmp_path / 'pretrain' / 'step_00000004'}" in capsys.readouterr().out
+    _, pretrained = model.load_checkpoint(tmp_path / "pretrain" / "step_00000004")
+    _, finetuned = model.load_checkpoint(tmp_path / "finetune" / "step_00000001")
+    jax.tree.map(np.testing.assert_array_equal, pretrained, finetuned)  # lr 0 (and warmup): the weights as loaded
+
+
+def test_init_mistakes_give_one_line(tmp_path):
+    data = copy_corpus(tmp_path / "copy.jsonl", lines=50)
+    hf_llama(DEBUG).save_pretrained(tmp_path / "hf")
+    (tmp_path / "gpt2").mkdir()
+    (tmp_path / "gpt2" / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_embd": 768}))
+    (tmp_path / "empty").mkdir()
+    for argv, message in [(["--size", "100m"], f"--size 100m does not match --init {tmp_path / 'hf'} (hidden 640 vs 128"),
+                          (["--init", str(tmp_path / "gpt2")], "model_type is 'gpt2', not 'llama'"),
+                          (["--init", str(tmp_path / "missing")], "missing: no such folder"),
+                          (["--init", str(tmp_path / "empty")], "config.json is missing")]:
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(finetune_args(data, tmp_path / "run", tmp_path / "hf", 2, *argv))
+        assert message in str(exit_info.value.code) and "\n" not in str(exit_info.value.code), exit_info.value.code
+        assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_load_sharded_places_every_piece_as_load_checkpoint_reads_it(tmp_path, dtype):
+    import torch
+    hf_llama(DEBUG, seed=5).to(getattr(torch, dtype)).save_pretrained(tmp_path / "hf", max_shard_size="100KB")
+    model.save_checkpoint(tmp_path / "ours", DEBUG, randomize_norms(model.init_params(DEBUG, jax.random.key(5))))
+    mesh = model.make_mesh("1,2,4")
+    for folder in ("hf", "ours"):
+        _, expected = model.load_checkpoint(tmp_path / folder)
+        config, placed = model.load_sharded(tmp_path / folder, mesh, jnp.bfloat16)
+        assert config == DEBUG
+        for (name, a), (_, b), (_, sharding) in zip(model.flatten(placed), model.flatten(expected),
+                                                    model.flatten(model.param_shardings(DEBUG, mesh))):
+            assert a.sharding == sharding and a.dtype == jnp.bfloat16, name
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b).astype(jnp.bfloat16), name)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,11 @@
     python train.py --size debug --data dataset.jsonl --out runs/debug --batch_size 8 --seq_len 1024 \\
         --accum 1 --steps 500 --warmup 50 --decay_steps 500 --dtype float32
 
-Running the same command again resumes from the newest checkpoint in --out, data position included.
+    python train.py --init LVM-7B/ --data my_task.jsonl --out runs/my_task --lr 1.5e-5 --warmup 100 \\
+        --steps 2000 --decay_steps 2000                               # finetune the released model
+
+Running the same command again resumes from the newest checkpoint in --out, data position included
+(and ignores --init: a crashed finetune goes on from its own checkpoint).
 A step is one optimizer update over accum x batch_size sequences of seq_len tokens.
 """
 import argparse
@@ -16,13 +20,14 @@ import math
 import os
 import shutil
 import time
+from functools import partial
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
-from safetensors.numpy import load_file
+from safetensors import safe_open
 from tqdm import tqdm
 
 import model
@@ -34,7 +39,9 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0, "TP
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--size", default="7b", choices=model.CONFIGS)
+    p.add_argument("--size", choices=model.CONFIGS, help="model size (required unless --init gives it)")
+    p.add_argument("--init", help="start from these weights (optimizer and schedule fresh at step 0): a model.py "
+                                  "checkpoint, a train.py run folder (its newest checkpoint) or a Hugging Face Llama folder")
     p.add_argument("--data", help="training jsonl of visual sentences")
     p.add_argument("--out", help="run folder: checkpoints and metrics.jsonl")
     count = model.bounded(int, 1)
@@ -70,6 +77,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not args.compile_only and not (args.data and args.out):
         p.error("--data and --out are required")
+    if not (args.size or args.init):
+        p.error("--size is required (or --init, whose checkpoint gives the size)")
     return args
 
 
@@ -230,16 +239,24 @@ def save(out, step, config, params, opt_state, data_position, keep):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def restore(path, config, optimizer, shardings):
-    """-> (params, opt_state, step, data position); a ValueError if the checkpoint is damaged."""
+def differences(config, other):
+    return ", ".join(f"{f.name} {getattr(config, f.name)} vs {getattr(other, f.name)}" for f in dataclasses.fields(config)
+                     if f.name not in ("dtype", "remat") and getattr(config, f.name) != getattr(other, f.name))
+
+
+def restore(path, config, optimizer, mesh):
+    """-> (params, opt_state, step, data position), read tensor by tensor into their shards; a
+    ValueError if the checkpoint is damaged."""
     saved_config = model.read_config(path)
-    if dataclasses.replace(saved_config, dtype=config.dtype, remat=config.remat) != config:
-        raise SystemExit(f"error: {path} holds a model of another size than --size (hidden {saved_config.hidden}, "
-                         f"{saved_config.layers} layers); use another --out or the run's own --size")
-    _, params = model.load_checkpoint(path)  # checks every tensor against the config, and the checksums
+    if differences(saved_config, config):
+        raise SystemExit(f"error: {path} holds another model than the one asked for ({differences(saved_config, config)}); "
+                         f"use another --out, or the run's own --size / --init")
+    _, params = model.load_sharded(path, mesh)  # checks every tensor against the config, and the checksums
     opt_shapes = jax.eval_shape(optimizer.init, params)
+    opt_file = os.path.join(path, "opt_state.safetensors")
     try:
-        opt_flat = load_file(os.path.join(path, "opt_state.safetensors"))
+        with safe_open(opt_file, framework="numpy") as f:
+            stored = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
         with open(os.path.join(path, "train_state.json")) as f:
             info = json.load(f)
         position = (int(info["data_offset"]), int(info["data_skip"]))
@@ -247,22 +264,20 @@ def restore(path, config, optimizer, shardings):
     except Exception as e:
         raise ValueError(f"{path}: unreadable optimizer or train state ({e})") from None
     leaves = jax.tree.leaves(opt_shapes)
-    if len(opt_flat) != len(leaves) or any(opt_flat.get(str(i), np.empty(0)).shape != leaf.shape
-                                           for i, leaf in enumerate(leaves)):
+    if stored != {str(i): leaf.shape for i, leaf in enumerate(leaves)}:
         raise ValueError(f"{path}: opt_state.safetensors does not match the model")
-    opt_state = jax.tree.unflatten(jax.tree.structure(opt_shapes), [opt_flat[str(i)] for i in range(len(leaves))])
-    params = jax.device_put(params, shardings[0])
-    opt_state = jax.device_put(opt_state, shardings[1])
-    return params, opt_state, step, position
+    opt_leaves = [jax.make_array_from_callback(leaf.shape, sharding, partial(model.read_slice, opt_file, str(i)))
+                  for i, (leaf, sharding) in enumerate(zip(leaves, jax.tree.leaves(state_shardings(config, optimizer, mesh)[1])))]
+    return params, jax.tree.unflatten(jax.tree.structure(opt_shapes), opt_leaves), step, position
 
 
-def resume(out, config, optimizer, shardings):
+def resume(out, config, optimizer, mesh):
     """The newest checkpoint that loads (None for a new run); a damaged one is named and the
     previous one tried."""
     found = model.run_checkpoints(out)
     for path in reversed(found):
         try:
-            restored = restore(path, config, optimizer, shardings)
+            restored = restore(path, config, optimizer, mesh)
             print(f"resuming from {path} (step {restored[2]})")
             return restored
         except ValueError as e:
@@ -332,11 +347,29 @@ def compile_only(args, config, optimizer, mesh):
         compiled = step.lower(params, opt_state, batch, batch).compile()
     m = compiled.memory_analysis()
     total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
-    print(f"{args.size} on {mesh.devices.size} devices, mesh {dict(mesh.shape)}, batch {args.accum}x{args.batch_size}x"
+    print(f"{args.size or args.init} on {mesh.devices.size} devices, mesh {dict(mesh.shape)}, batch {args.accum}x{args.batch_size}x"
           f"{args.seq_len}, {config.dtype}, remat {config.remat}: per device arguments "
           f"{m.argument_size_in_bytes / 2**30:.2f} GiB, temporaries {m.temp_size_in_bytes / 2**30:.2f} GiB, "
           f"total {total / 2**30:.2f} GiB")
     return total
+
+
+def model_config(args):
+    """-> (Config, the --init checkpoint or None): --size, or the size of the --init weights."""
+    if not args.init:
+        return dataclasses.replace(model.CONFIGS[args.size], dtype=args.dtype, remat=args.remat), None
+    if not os.path.isdir(args.init):
+        raise SystemExit(f"error: --init {args.init}: no such folder")
+    init = model.newest_checkpoint(args.init)
+    try:
+        config = dataclasses.replace(model.checkpoint_config(init), dtype=args.dtype, remat=args.remat)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"error: --init: {e} (expected a model.py checkpoint, a train.py run folder or a "
+                         f"Hugging Face Llama folder)")
+    if args.size and differences(model.CONFIGS[args.size], config):
+        raise SystemExit(f"error: --size {args.size} does not match --init {init} "
+                         f"({differences(model.CONFIGS[args.size], config)}); leave --size out to take the checkpoint's")
+    return config, init
 
 
 def main(argv=None):
@@ -344,7 +377,7 @@ def main(argv=None):
     if args.distributed or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU runs; GPUs/TPUs ignore it
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    config = dataclasses.replace(model.CONFIGS[args.size], dtype=args.dtype, remat=args.remat)
+    config, init = model_config(args)
     if args.seq_len > config.max_seq:
         raise SystemExit(f"error: --seq_len {args.seq_len} is longer than the model's {config.max_seq}")
     try:
@@ -358,23 +391,31 @@ def main(argv=None):
     if args.compile_only:
         return compile_only(args, config, optimizer, mesh)
 
-    shardings = state_shardings(config, optimizer, mesh)
+    def log(message):
+        if jax.process_index() == 0:
+            tqdm.write(message)
+
     eval_batches = read_eval_batches(args, config.vocab) if args.eval_data else []
-    restored = resume(args.out, config, optimizer, shardings)
+    restored = resume(args.out, config, optimizer, mesh)
     if restored:
         params, opt_state, step, position = restored
+        if init:
+            log(f"--init ignored: the run in {args.out} has checkpoints of its own")
         if step >= args.steps:
             raise SystemExit(f"error: the run in {args.out} is already at step {step}; --steps {args.steps} leaves "
                              f"nothing to do (raise --steps to train further)")
     else:
-        params = model.create_params(config, jax.random.key(args.seed), mesh)
-        opt_state = jax.jit(optimizer.init, out_shardings=shardings[1])(params)
+        if init:
+            log(f"starting from the weights of {init}")
+            try:
+                _, params = model.load_sharded(init, mesh)
+            except ValueError as e:
+                raise SystemExit(f"error: --init: {e}")
+        else:
+            params = model.create_params(config, jax.random.key(args.seed), mesh)
+        opt_state = jax.jit(optimizer.init, out_shardings=state_shardings(config, optimizer, mesh)[1])(params)
         step, position = 0, (0, 0)
     rows = args.accum * args.batch_size
-
-    def log(message):
-        if jax.process_index() == 0:
-            tqdm.write(message)
 
     try:
         stream = TokenStream(args.data, rows, args.seq_len, config.vocab, position, on_bad_line=log)
