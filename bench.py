@@ -174,9 +174,23 @@ def bench_tokenize(images=32):
     print(f"JPEG decode + resize alone, one thread: {images / 2 / load_s:.1f} images/s")
 
 
+def peak_rss(code, args, cwd, env=None):
+    """(peak resident GB, seconds) of `code` run in a fresh Python. VmHWM: that process's peak RSS
+    (ru_maxrss would carry over the parent's from before exec)."""
+    code = (f"import sys, time; start = time.time(); {code}; "
+            "peak = next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')); "
+            "print('PEAK', peak, time.time() - start)")
+    out = subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": HERE, **(env or {})})
+    peak_kb, seconds = next((line.split()[1:] for line in out.stdout.splitlines() if line.startswith("PEAK")),
+                            (0, out.stderr[-500:]))
+    return int(peak_kb) / 1e6, seconds
+
+
 def bench_convert(size="1b"):
-    """Peak memory of to-hf and from-hf on a random checkpoint, next to the checkpoint's size."""
-    print(f"\n## convert_hf: peak resident memory, random {size} checkpoint")
+    """Peak memory of to-hf, from-hf and train.py --init's loading on a random checkpoint, next to
+    the checkpoint's size."""
+    print(f"\n## convert_hf and train.py --init: peak resident memory, random {size} checkpoint")
     config = model.CONFIGS[size]
     with tempfile.TemporaryDirectory(dir=HERE) as tmp:
         # written one tensor at a time, so making the checkpoint needs no whole model in memory either
@@ -188,17 +202,20 @@ def bench_convert(size="1b"):
             json.dump(dataclasses.asdict(config), f)
         size_gb = os.path.getsize(os.path.join(tmp, "ckpt", "params.safetensors")) / 1e9
         print("| command | checkpoint in | peak RSS | seconds |\n|---|---|---|---|")
-        for command, source in [(["to-hf", "ckpt", "hf", "--dtype", "bfloat16"], size_gb),
+        convert = "sys.argv = ['convert_hf.py'] + sys.argv[1:]; import convert_hf; convert_hf.main()"
+        for command, source in [(["to-hf", "ckpt", "hf", "--dtype", "bfloat16", "--shard_size", "1GB"], size_gb),
                                 (["from-hf", "hf", "back"], size_gb / 2)]:
-            # VmHWM: this process's peak RSS (ru_maxrss would carry over the parent's from before exec)
-            code = ("import sys, time; sys.argv = ['convert_hf.py'] + sys.argv[1:]; start = time.time(); "
-                    "import convert_hf; convert_hf.main(); "
-                    "peak = next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')); "
-                    "print('PEAK', peak, time.time() - start)")
-            out = subprocess.run([sys.executable, "-c", code, *command], cwd=tmp, capture_output=True, text=True,
-                                 env={**os.environ, "PYTHONPATH": HERE})
-            peak_kb, seconds = next(line.split()[1:] for line in out.stdout.splitlines() if line.startswith("PEAK"))
-            print(f"| {' '.join(command[:1] + command[3:])} | {source:.2f} GB | {int(peak_kb) / 1e6:.2f} GB | {float(seconds):.0f} |")
+            peak, seconds = peak_rss(convert, command, tmp)
+            print(f"| {' '.join(command[:1] + command[3:])} | {source:.2f} GB | {peak:.2f} GB | {float(seconds):.0f} |")
+        # --init's loading on 8 fake CPU devices, whose "device" buffers are host memory too: the
+        # loaded params (1x the bf16 folder in bfloat16, 2x in float32) count in the peak
+        load = ("import jax, jax.numpy as jnp, model; "
+                "jax.block_until_ready(model.load_sharded('hf', model.make_mesh('1,-1,1'), getattr(jnp, sys.argv[1])))")
+        for dtype, resident in [("bfloat16", 1), ("float32", 2)]:
+            peak, seconds = peak_rss(load, [dtype], tmp, {"XLA_FLAGS": "--xla_force_host_platform_device_count=8",
+                                                        "JAX_PLATFORMS": "cpu"})
+            print(f"| --init load_sharded, 8 devices, params in {dtype} ({resident}x the folder) | "
+                  f"{size_gb / 2:.2f} GB bf16 | {peak:.2f} GB | {float(seconds):.0f} |")
 
 
 SECTIONS = {"vqgan": bench_vqgan, "tokenize": bench_tokenize, "train": bench_train, "sample": bench_sample,
