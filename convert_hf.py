@@ -103,7 +103,7 @@ def from_hf(folder, out, overwrite=False):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=model.HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     to = commands.add_parser("to-hf", help="model.py checkpoint -> Hugging Face Llama folder")
     to.add_argument("ckpt")

@@ -464,6 +464,17 @@ def verify_checksums(folder):
             raise ValueError(f"{path}: damaged (its sha256 does not match checksums.json)")
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help keeps the module docstring's layout and shows every default; required flags say so."""
+
+    def _get_help_string(self, action):
+        if action.required and action.option_strings:
+            return f"{action.help or ''} (required)"
+        if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in (action.help or ""):
+            return action.help
+        return f"{action.help or ''} (default: %(default)s)"
+
+
 def bounded(kind, low, high=None):
     """argparse type: a number of `kind` in [low, high], else a message with the range."""
     def parse(text):
@@ -760,7 +771,7 @@ def hf_tensors(folder):
 
 
 def main():
-    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
+    argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter).parse_args()
     print(f"{'size':>6} {'hidden':>6} {'layers':>6} {'heads':>5} {'params':>9} {'GFLOP/token@4096':>17}")
     for name, config in CONFIGS.items():
         print(f"{name:>6} {config.hidden:>6} {config.layers:>6} {config.heads:>5} "

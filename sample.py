@@ -163,7 +163,7 @@ def grid(rows):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=model.HelpFormatter)
     p.add_argument("--prompt", help="folder of prompt images")
     p.add_argument("--ckpt", required=True, help="model checkpoint or Hugging Face Llama folder")
     p.add_argument("--vqgan", required=True, help="VQGAN checkpoint folder")

@@ -1249,12 +1249,13 @@ def test_tokenize_output_never_overwrites_an_input(tmp_path, tiny_vqgan, capsys)
     folder = photo_folder(tmp_path, {"cat.jpg": PHOTOS[1], "coffee.jpg": PHOTOS[2]})
     lines = write_jsonl(tmp_path / "s.jsonl", [np.arange(256)])
     before = tree_bytes(tmp_path)
-    for argv, message in [(["colorization", "--input", folder, "--output", os.path.join(folder, "cat.jpg")],
+    vq = ["--vqgan", tiny_vqgan[0]]
+    for argv, message in [(["colorization", "--input", folder, "--output", os.path.join(folder, "cat.jpg"), *vq],
                            "give a name ending in .jsonl"),
-                          (["show", "--input", lines, "--output", lines], "give a name ending in .png"),
+                          (["show", "--input", lines, "--output", lines, *vq], "give a name ending in .png"),
                           (["mix", "--input", lines, "--output", lines], "is also an --input")]:
         with pytest.raises(SystemExit):
-            tokenize_data.main([*argv, "--vqgan", tiny_vqgan[0]])
+            tokenize_data.main(argv)
         assert message in capsys.readouterr().err
     assert tree_bytes(tmp_path) == before
 
@@ -1403,7 +1404,8 @@ def test_perplexity_lines_need_images_on_both_sides(tmp_path, tiny_vqgan, capsys
     ("tokenize_data", ["pairs", "--input", "x", "--output", "o.jsonl", "--vqgan", "v", "--shots", "0"]),
     ("tokenize_data", ["sequence", "--input", "x", "--output", "o.jsonl", "--vqgan", "v", "--frames", "-1"]),
     ("tokenize_data", ["pairs", "--input", "x", "--output", "o.jsonl", "--vqgan", "v", "--epochs", "0"]),
-    ("tokenize_data", ["show", "--input", "x", "--output", "o.png", "--vqgan", "v", "--batch_size", "0"]),
+    ("tokenize_data", ["colorization", "--input", "x", "--output", "o.jsonl", "--vqgan", "v", "--batch_size", "0"]),
+    ("tokenize_data", ["show", "--input", "x", "--output", "o.png", "--vqgan", "v", "--columns", "0"]),
     ("sample", ["--prompt", "p", "--ckpt", "c", "--vqgan", "v", "--candidates", "0"]),
     ("sample", ["--prompt", "p", "--ckpt", "c", "--vqgan", "v", "--top_p", "0"]),
     ("sample", ["--prompt", "p", "--ckpt", "c", "--vqgan", "v", "--temperature", "-1"]),

@@ -326,34 +326,63 @@ def show(args):
     print(f"line {args.line}: {len(images)} images -> {args.output}")
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("kind", choices=["sequence", "pairs", "colorization", "inpainting", "category", "mix", "show"])
-    p.add_argument("--input", nargs="+", required=True, help="folders (or jsonl files for mix/show)")
-    p.add_argument("--targets", help="pairs: the annotation folder, matched to --input by file stem")
-    p.add_argument("--output", required=True)
-    p.add_argument("--vqgan", help="VQGAN checkpoint folder")
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=model.HelpFormatter)
+    modes = p.add_subparsers(dest="kind", required=True, metavar="MODE",
+                             help="sequence, pairs, colorization, inpainting, category, mix or show; MODE --help for its flags")
     count = model.bounded(int, 1)
-    p.add_argument("--frames", type=count, default=16, help="sequence: frames per sentence")
-    p.add_argument("--stride", type=count, default=1, help="sequence: take every n-th frame")
-    p.add_argument("--shots", type=count, help="pairs per sentence (default 8), or classes per sentence for category (4)")
-    p.add_argument("--images_per_shot", type=count, default=4, help="category: images of one class in a row")
-    p.add_argument("--epochs", type=count, default=1, help="seeded permutations of the images")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch_size", type=count, default=8)
-    p.add_argument("--workers", type=count, default=os.cpu_count(), help="image decoding threads")
-    p.add_argument("--line", type=model.bounded(int, 0), default=0, help="show: which line")
-    p.add_argument("--columns", type=count, default=8, help="show: images per grid row")
+
+    def mode(name, help, inputs, output):
+        sub = modes.add_parser(name, help=help, description=help, formatter_class=model.HelpFormatter)
+        sub.add_argument("--input", required=True, **inputs)
+        sub.add_argument("--output", required=True, help=output)
+        return sub
+
+    def encoding(name, help, inputs, shots=None):
+        sub = mode(name, help, inputs, "jsonl file to write")
+        sub.add_argument("--vqgan", required=True, help="VQGAN checkpoint folder")
+        if shots:
+            sub.add_argument("--shots", type=count, default=shots[0], help=shots[1])
+        sub.add_argument("--epochs", type=count, default=1, help="seeded permutations of the images")
+        sub.add_argument("--seed", type=int, default=0)
+        sub.add_argument("--batch_size", type=count, default=8, help="images per VQGAN call")
+        sub.add_argument("--workers", type=count, default=os.cpu_count(), help="image decoding threads")
+        return sub
+
+    folders = {"nargs": "+", "metavar": "FOLDER", "help": "image folders"}
+    folder = {"nargs": 1, "metavar": "FOLDER"}
+    sub = encoding("sequence", "clips (folders of frames or video files) -> windows of frames",
+                   {**folders, "help": "folders of clips, folders of frames or video files"})
+    sub.add_argument("--frames", type=count, default=16, help="frames per sentence")
+    sub.add_argument("--stride", type=count, default=1, help="take every n-th frame")
+    sub = encoding("pairs", "annotated images -> [x, y] pairs, matched by file stem", {**folder, "help": "the images (x)"},
+                   (8, "pairs per sentence"))
+    sub.add_argument("--targets", required=True, metavar="FOLDER", help="the annotations (y), matched to --input by file stem")
+    encoding("colorization", "plain images -> [gray(x), x] pairs", folders, (8, "pairs per sentence"))
+    encoding("inpainting", "plain images -> [masked(x), x] pairs", folders, (8, "pairs per sentence"))
+    sub = encoding("category", "one subfolder per class -> runs of images of one class",
+                   {**folder, "help": "a folder with one subfolder per class"}, (4, "classes per sentence"))
+    sub.add_argument("--images_per_shot", type=count, default=4, help="images of one class in a row")
+    sub = mode("mix", "merge jsonl files into one shuffled file", {"nargs": "+", "metavar": "JSONL"}, "jsonl file to write")
+    sub.add_argument("--seed", type=int, default=0)
+    sub = mode("show", "decode one line back to images, as a grid PNG", {"nargs": 1, "metavar": "JSONL"}, "PNG file to write")
+    sub.add_argument("--vqgan", required=True, help="VQGAN checkpoint folder")
+    sub.add_argument("--line", type=model.bounded(int, 0), default=0, help="which line (from 0)")
+    sub.add_argument("--columns", type=count, default=8, help="images per grid row")
     args = p.parse_args(argv)
-    args.shots = args.shots or (4 if args.kind == "category" else 8)
-    if args.kind not in ("mix",) and not args.vqgan:
-        p.error(f"{args.kind} needs --vqgan")
     suffix = ".png" if args.kind == "show" else ".jsonl"
     if not args.output.endswith(suffix):  # never an input image or data file written over by mistake
         p.error(f"--output {args.output}: {args.kind} writes {'a PNG' if suffix == '.png' else 'jsonl'}, "
                 f"give a name ending in {suffix}")
     if any(os.path.realpath(args.output) == os.path.realpath(path) for path in args.input):
         p.error(f"--output {args.output} is also an --input; write to another file")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+        p.error(f"--output {args.output}: the folder {os.path.dirname(os.path.abspath(args.output))} does not exist")
+    return p, args
+
+
+def main(argv=None):
+    p, args = parse_args(argv)
     try:
         {"mix": mix, "show": show}.get(args.kind, make_sentences)(args)
     except (ValueError, OSError) as e:

@@ -38,7 +38,7 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0, "TP
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=model.HelpFormatter)
     p.add_argument("--size", choices=model.CONFIGS, help="model size (required unless --init gives it)")
     p.add_argument("--init", help="start from these weights (optimizer and schedule fresh at step 0): a model.py "
                                   "checkpoint, a train.py run folder (its newest checkpoint) or a Hugging Face Llama folder")

@@ -510,7 +510,7 @@ def load_vqgan(path):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=model.HelpFormatter)
     parser.add_argument("images", nargs="+", help="image files")
     parser.add_argument("--vqgan", required=True, help="VQGAN checkpoint folder")
     parser.add_argument("--out", required=True, help="folder for original|reconstruction PNGs")

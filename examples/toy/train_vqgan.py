@@ -120,7 +120,7 @@ def save(folder, config, params):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=model.HelpFormatter)
     p.add_argument("--data", required=True, help="folder searched recursively for images")
     p.add_argument("--out", required=True, help="VQGAN folder to write")
     p.add_argument("--steps", type=int, default=300)
