@@ -18,7 +18,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import torch
+
+try:
+    import torch
+except ImportError:  # reported by main(), after --help
+    torch = None
 
 import model
 import sample
@@ -222,13 +226,25 @@ SECTIONS = {"vqgan": bench_vqgan, "tokenize": bench_tokenize, "train": bench_tra
             "convert": bench_convert}
 
 
-def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated: {', '.join(SECTIONS)}")
-    args = p.parse_args()
+def section_list(text):
+    names = text.split(",")
+    unknown = [name for name in names if name not in SECTIONS]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown section {unknown[0]!r}; choose from {', '.join(SECTIONS)}")
+    return names
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=model.HelpFormatter)
+    p.add_argument("--sections", type=section_list, default=",".join(SECTIONS), metavar="NAMES",
+                   help=f"comma-separated, from {','.join(SECTIONS)}")
+    args = p.parse_args(argv)
+    if torch is None:
+        p.exit(1, "error: bench.py compares against the reference implementations: "
+                  "pip install -r requirements-test.txt (torch, transformers, diffusers)\n")
     torch.set_num_threads(os.cpu_count())
     print(f"# lvm-jax bench: {os.cpu_count()} CPU cores, jax {jax.__version__}, torch {torch.__version__}")
-    for name in args.sections.split(","):
+    for name in args.sections:
         SECTIONS[name]()
 
 

@@ -47,6 +47,8 @@ def to_hf(ckpt, out, dtype="bfloat16", shard_size=5 * 10 ** 9, overwrite=False):
     """Our checkpoint -> HF folder: config.json and model.safetensors, or
     model-0000k-of-0000n.safetensors shards + model.safetensors.index.json above shard_size."""
     model.check_separate(ckpt, out)
+    if model.is_hf_folder(ckpt):
+        raise ValueError(f"{ckpt}: a Hugging Face folder already; from-hf converts it to a model.py checkpoint")
     config = model.read_config(ckpt)
     model.verify_checksums(ckpt)
     target = np.dtype(DTYPES[dtype])
@@ -95,6 +97,8 @@ def from_hf(folder, out, overwrite=False):
     """HF LlamaForCausalLM folder (single or sharded safetensors, any float dtype) -> our
     checkpoint, keeping the stored dtype. Each stacked tensor is read and written on its own."""
     model.check_separate(folder, out)
+    if not model.is_hf_folder(folder) and os.path.isfile(os.path.join(folder, "params.safetensors")):
+        raise ValueError(f"{folder}: a model.py checkpoint already; to-hf converts it to a Hugging Face folder")
     config, entries = model.hf_tensors(folder)
     with model.atomic_dir(out, overwrite) as tmp:
         model.write_checkpoint_files(tmp, config, entries)

@@ -1535,5 +1535,5 @@ def test_mesh_too_big_and_show_of_a_bad_line_give_one_line(tmp_path, tiny_vqgan,
             tokenize_data.main(["show", "--input", str(tmp_path / "bad.jsonl"), "--output", str(tmp_path / "x.png"),
                                 "--vqgan", tiny_vqgan[0]])
         err = capsys.readouterr().err
-        assert "bad.jsonl: line 0 is not a visual sentence" in err and message in err and len(err.strip().splitlines()) == 1
+        assert "bad.jsonl: line 0: not a visual sentence" in err and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x.png").exists()

@@ -230,6 +230,17 @@ def encode_line(tokens):
     return json.dumps({"tokens": base64.b64encode(np.asarray(tokens, "<i4").tobytes()).decode()}) + "\n"
 
 
+def decode_line(line):
+    """-> int32 tokens of a jsonl line; ValueError saying what is wrong with it."""
+    try:
+        tokens = np.frombuffer(base64.b64decode(json.loads(line)["tokens"], validate=True), "<i4")
+    except Exception as e:  # not json, no "tokens", not base64, ...
+        raise ValueError(f'not a visual sentence ({{"tokens": base64 of int32}}): {type(e).__name__}: {e}') from None
+    if tokens.size == 0 or tokens.size % vqgan.TOKENS_PER_IMAGE:
+        raise ValueError(f"{tokens.size} tokens, not a positive multiple of {vqgan.TOKENS_PER_IMAGE}")
+    return tokens
+
+
 def write_atomically(path, lines):
     """Write lines to path.tmp and rename when complete: an interrupted run leaves no partial file."""
     tmp = f"{path}.tmp"
@@ -260,7 +271,14 @@ def make_sentences(args):
         bad = list(dict.fromkeys(job.name for job, ok in zip(jobs, valid) if not ok))  # unique, in order
         sentences = [s for epoch in range(args.epochs) for s in compose(valid, np.random.default_rng([args.seed, epoch]))]
         if not sentences:
-            raise ValueError(f"not enough readable images for one sentence ({valid.sum()} of {len(jobs)} readable)")
+            if args.kind == "sequence":
+                needs = f"{args.frames} readable frames of one clip (--frames)"
+            elif args.kind == "category":
+                needs = f"{args.shots} classes with {args.images_per_shot} readable images each (--shots, --images_per_shot)"
+            else:
+                needs = f"{args.shots} readable pairs (--shots)"
+            raise ValueError(f"{' '.join(args.input)}: not enough readable images for one sentence "
+                             f"({valid.sum()} of {len(jobs)} readable); a sentence needs {needs}")
         order = np.random.default_rng([args.seed, args.epochs]).permutation(len(sentences))
         count = write_atomically(args.output, (encode_line(tokens[sentences[k]].ravel()) for k in order))
     finally:
@@ -274,16 +292,22 @@ def make_sentences(args):
 def mix(args):
     """Merge jsonl files into one shuffled file. Only an index of (file, offset, length) per line is
     held in memory, never the lines themselves."""
-    index = []
+    index, malformed = [], collections.Counter()
     for f, path in enumerate(args.input):
         with open(path, "rb") as handle:
             offset = 0
-            for line in handle:
+            for line in tqdm(handle, unit="line", desc=f"checking {os.path.basename(path)}"):
                 if line.strip():
-                    index.append((f, offset, len(line)))
+                    try:
+                        decode_line(line)
+                        index.append((f, offset, len(line)))
+                    except ValueError:
+                        malformed[path] += 1
                 offset += len(line)
+    for path, count in malformed.items():
+        print(f"{path}: dropped {count} malformed lines")
     if not index:
-        raise ValueError(f"{' '.join(args.input)}: no lines")
+        raise ValueError(f"{' '.join(args.input)}: no lines of tokens")
     index = np.array(index, np.int64)[np.random.default_rng(args.seed).permutation(len(index))]
     handles = [open(path, "rb") for path in args.input]
 
@@ -297,7 +321,8 @@ def mix(args):
     finally:
         for handle in handles:
             handle.close()
-    print(f"wrote {count} lines from {len(args.input)} files to {args.output}")
+    print(f"wrote {count} lines from {len(args.input)} files to {args.output}"
+          + (f" ({sum(malformed.values())} malformed lines dropped)" if malformed else ""))
 
 
 def show(args):
@@ -309,12 +334,9 @@ def show(args):
         else:
             raise ValueError(f"{args.input[0]}: has no line {args.line}")
     try:
-        tokens = np.frombuffer(base64.b64decode(json.loads(line)["tokens"], validate=True), "<i4")
-    except Exception as e:  # not json, no "tokens", not base64, ...
-        raise ValueError(f"{args.input[0]}: line {args.line} is not a visual sentence "
-                         f'({{"tokens": base64 of int32}}): {type(e).__name__}: {e}') from None
-    if tokens.size % vqgan.TOKENS_PER_IMAGE:
-        raise ValueError(f"{args.input[0]}: line {args.line} has {tokens.size} tokens, not a multiple of 256")
+        tokens = decode_line(line)
+    except ValueError as e:
+        raise ValueError(f"{args.input[0]}: line {args.line}: {e}") from None
     params, config = vqgan.load_vqgan(args.vqgan)
     images = vqgan.decode(params, config, tokens.reshape(-1, vqgan.TOKENS_PER_IMAGE))
     columns = min(args.columns, len(images))

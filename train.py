@@ -99,6 +99,9 @@ def decode_line(line, vocab):
     return tokens.astype(np.int32)
 
 
+BAD_START = 20  # this many malformed lines before any valid one: not a file of visual sentences
+
+
 class TokenStream:
     def __init__(self, path, rows, seq_len, vocab, position=(0, 0), on_bad_line=print):
         self.path, self.rows, self.seq_len, self.vocab = path, rows, seq_len, vocab
@@ -106,6 +109,7 @@ class TokenStream:
         self.pending = []  # [(line offset, tokens)], first one partly used
         self.next_offset, self.skip = position[0], position[1]
         self.bad_lines, self.on_bad_line = 0, on_bad_line
+        self.held = []  # warnings before the first valid line: a file that is not jsonl at all gets one error instead
         self.wrapped = self.found_valid = False
         self.file.seek(self.next_offset)
 
@@ -130,8 +134,18 @@ class TokenStream:
         tokens = decode_line(line, self.vocab)
         if tokens is None:
             self.bad_lines += 1
-            self.on_bad_line(f"{self.path}: skipping malformed line at byte {offset} ({self.bad_lines} so far)")
+            warning = f"{self.path}: skipping malformed line at byte {offset} ({self.bad_lines} so far)"
+            if self.found_valid:
+                self.on_bad_line(warning)
+            elif len(self.held) < BAD_START - 1:
+                self.held.append(warning)
+            else:
+                raise ValueError(f'{self.path}: the first {BAD_START} lines are not visual sentences '
+                                 f'({{"tokens": base64 of int32}} per line, as tokenize_data.py writes)')
         else:
+            if not self.found_valid:
+                for warning in self.held:
+                    self.on_bad_line(warning)
             self.found_valid = True
             self.pending.append((offset, tokens))
 
@@ -224,7 +238,12 @@ def global_batch(arrays, mesh, rows):
 # + opt_state.safetensors + train_state.json. Written as step_*.tmp and renamed when complete.
 
 
-def save(out, step, config, params, opt_state, data_position, keep):
+# flags that change what a run computes: recorded in every checkpoint, and a resume says which differ
+RECIPE = ("data", "batch_size", "accum", "seq_len", "lr", "end_lr", "warmup", "decay_steps", "weight_decay", "clip",
+          "dtype", "remat", "seed")
+
+
+def save(out, step, config, params, opt_state, data_position, keep, recipe):
     host_params = jax.tree.map(model.to_host, params)  # collective: every process takes part
     host_opt = {str(i): model.to_host(x) for i, x in enumerate(jax.tree.leaves(opt_state))}
     if jax.process_index() != 0:
@@ -234,9 +253,11 @@ def save(out, step, config, params, opt_state, data_position, keep):
         model.write_safetensors(os.path.join(tmp, "opt_state.safetensors"), model.tensor_entries(host_opt))
         model.write_checksums(tmp)
         with open(os.path.join(tmp, "train_state.json"), "w") as f:
-            json.dump({"step": step, "data_offset": int(data_position[0]), "data_skip": int(data_position[1])}, f)
+            json.dump({"step": step, "data_offset": int(data_position[0]), "data_skip": int(data_position[1]),
+                       "recipe": recipe}, f)
     for old in model.run_checkpoints(out)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    tqdm.write(f"saved {os.path.join(out, f'step_{step:08d}')}")
 
 
 def differences(config, other):
@@ -245,8 +266,8 @@ def differences(config, other):
 
 
 def restore(path, config, optimizer, mesh):
-    """-> (params, opt_state, step, data position), read tensor by tensor into their shards; a
-    ValueError if the checkpoint is damaged."""
+    """-> (params, opt_state, step, data position, recipe flags), read tensor by tensor into their
+    shards; a ValueError if the checkpoint is damaged."""
     saved_config = model.read_config(path)
     if differences(saved_config, config):
         raise SystemExit(f"error: {path} holds another model than the one asked for ({differences(saved_config, config)}); "
@@ -268,7 +289,7 @@ def restore(path, config, optimizer, mesh):
         raise ValueError(f"{path}: opt_state.safetensors does not match the model")
     opt_leaves = [jax.make_array_from_callback(leaf.shape, sharding, partial(model.read_slice, opt_file, str(i)))
                   for i, (leaf, sharding) in enumerate(zip(leaves, jax.tree.leaves(state_shardings(config, optimizer, mesh)[1])))]
-    return params, jax.tree.unflatten(jax.tree.structure(opt_shapes), opt_leaves), step, position
+    return params, jax.tree.unflatten(jax.tree.structure(opt_shapes), opt_leaves), step, position, info.get("recipe", {})
 
 
 def resume(out, config, optimizer, mesh):
@@ -396,11 +417,16 @@ def main(argv=None):
             tqdm.write(message)
 
     eval_batches = read_eval_batches(args, config.vocab) if args.eval_data else []
+    recipe = {name: getattr(args, name) for name in RECIPE}
     restored = resume(args.out, config, optimizer, mesh)
     if restored:
-        params, opt_state, step, position = restored
+        params, opt_state, step, position, saved_recipe = restored
         if init:
             log(f"--init ignored: the run in {args.out} has checkpoints of its own")
+        changed = [f"--{name} {saved_recipe[name]} -> {value}" for name, value in recipe.items()
+                   if name in saved_recipe and saved_recipe[name] != value]
+        if changed:
+            log(f"warning: resuming with other flags than the run was saved with: {', '.join(changed)}")
         if step >= args.steps:
             raise SystemExit(f"error: the run in {args.out} is already at step {step}; --steps {args.steps} leaves "
                              f"nothing to do (raise --steps to train further)")
@@ -419,8 +445,11 @@ def main(argv=None):
 
     try:
         stream = TokenStream(args.data, rows, args.seq_len, config.vocab, position, on_bad_line=log)
+        first_batch = stream.next_batch()  # data that gives no batch fails here, before the run folder exists
     except OSError as e:
         raise SystemExit(f"error: {args.data}: {e.strerror}")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     os.makedirs(args.out, exist_ok=True)  # only once the inputs are known to be there
     if jax.process_index() == 0:
         trim_metrics(args.out, step)
@@ -429,14 +458,14 @@ def main(argv=None):
     tokens_per_step = rows * args.seq_len
     flops_per_step = model.flops_per_token(config, args.seq_len) * tokens_per_step
     peak = peak_flops(args)
+    log(f"compiling the train step ({args.size or 'size of --init'}, {config.dtype}, mesh {dict(mesh.shape)}); "
+        f"the first step includes it")
     bar = tqdm(total=args.steps, initial=step, unit="step", disable=jax.process_index() != 0)
-    last_time, last_step = time.perf_counter(), step
+    first_step = last_step = step
+    last_time = time.perf_counter()
     with jax.set_mesh(mesh):
         while step < args.steps:
-            try:
-                inputs, targets = stream.next_batch()
-            except ValueError as e:
-                raise SystemExit(f"error: {e}")
+            inputs, targets = first_batch if step == first_step else stream.next_batch()
             shape = (args.accum, args.batch_size, args.seq_len)
             batch = global_batch([inputs.reshape(shape), targets.reshape(shape)], mesh, args.batch_size)
             params, opt_state, metrics = train_step(params, opt_state, *batch)
@@ -466,15 +495,16 @@ def main(argv=None):
                 if jax.process_index() == 0:
                     with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
                         f.write(json.dumps(record) + "\n")
-                mfu = f"{record['mfu']:.1%}" if record["mfu"] is not None else "n/a"
+                mfu = {"mfu": f"{record['mfu']:.1%}"} if peak else {}  # unknown peak (CPU): no figure
                 bar.set_postfix(loss=f"{loss:.3f}", lr=f"{record['lr']:.2e}",
-                                tok_s=f"{record['tokens_per_sec']:.0f}", mfu=mfu)
+                                tok_s=f"{record['tokens_per_sec']:.0f}", **mfu)
             if saving:
-                save(args.out, step, config, params, opt_state, stream.position, args.keep)
+                save(args.out, step, config, params, opt_state, stream.position, args.keep, recipe)
     bar.close()
     stream.close()
     if stream.bad_lines:
         log(f"skipped {stream.bad_lines} malformed lines in {args.data}")
+    log(f"done: step {step}, loss {loss:.4f}, checkpoint {os.path.join(args.out, f'step_{step:08d}')}")
     return params
 
 

@@ -465,6 +465,9 @@ def load_vqgan(path):
     or a diffusers VQModel folder."""
     path = str(path)
     config_file = os.path.join(path, "config.json")
+    if not os.path.isdir(path):
+        raise ValueError(f"{path}: no such folder (the released VQGAN is the folder vqvae_ckpts of "
+                         f"huggingface.co/Emma02/vqvae_ckpts; examples/toy trains a small one)")
     if not os.path.isfile(config_file):
         raise ValueError(f"{path}: no config.json (expected a VQGAN checkpoint folder)")
     safetensors = sorted(f for f in os.listdir(path) if f.endswith(".safetensors"))
@@ -478,6 +481,9 @@ def load_vqgan(path):
         raise ValueError(f"{config_file}: unreadable ({e})") from None
     if not isinstance(config_dict, dict):
         raise ValueError(f"{config_file}: not a JSON object")
+    if "hidden" in config_dict or config_dict.get("model_type") == "llama":
+        raise ValueError(f"{path}: this is an LVM checkpoint (the language model), not a VQGAN; "
+                         f"--vqgan takes the tokenizer's folder")
     known = {f.name for f in dataclasses.fields(VQConfig)}
     if "block_out_channels" not in config_dict:
         unsupported = [k for k in ("decoder_res_blocks", "extra_mid_res_blocks", "decoder_hidden_channels",
@@ -514,7 +520,7 @@ def main():
     parser.add_argument("images", nargs="+", help="image files")
     parser.add_argument("--vqgan", required=True, help="VQGAN checkpoint folder")
     parser.add_argument("--out", required=True, help="folder for original|reconstruction PNGs")
-    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--batch_size", type=model.bounded(int, 1), default=8, help="images per VQGAN call")
     args = parser.parse_args()
     try:
         params, config = load_vqgan(args.vqgan)
