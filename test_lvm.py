@@ -1537,3 +1537,91 @@ def test_mesh_too_big_and_show_of_a_bad_line_give_one_line(tmp_path, tiny_vqgan,
         err = capsys.readouterr().err
         assert "bad.jsonl: line 0: not a visual sentence" in err and message in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x.png").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Every CLI: a user's mistakes get one line that says what is wrong, and leave nothing behind
+
+import bench  # noqa: E402
+
+MISTAKES = [  # (tool, argv with {tmp} and {vq} filled in, exit code, what the line must say)
+    ("train", ["--size", "100m", "--data", "{tmp}/copy.jsonl", "--out", "{tmp}/debug_run", "--batch_size", "8",
+               "--seq_len", "64", "--steps", "5"], None, "holds another model than the one asked for (hidden 128 vs 640"),
+    ("train", ["--size", "debug", "--data", PHOTOS[1], "--out", "{tmp}/run"], None,
+     "cat.jpg: the first 20 lines are not visual sentences"),
+    ("train", ["--size", "debug", "--data", "{tmp}/empty.jsonl", "--out", "{tmp}/run"], None, "empty.jsonl: empty file"),
+    ("train", ["--data", "{tmp}/copy.jsonl", "--out", "{tmp}/run"], 2, "--size is required (or --init"),
+    ("tokenize_data", ["colorization", "--input", "{tmp}/photos", "--output", "{tmp}/c.jsonl", "--vqgan", "{vq}"], 1,
+     "(6 of 6 readable); a sentence needs 8 readable pairs (--shots)"),
+    ("tokenize_data", ["sequence", "--input", "{tmp}/photos", "--output", "{tmp}/s.jsonl", "--vqgan", "{vq}", "--frames", "4"], 1,
+     "photos: 3 frames at stride 1, a sentence needs 4"),
+    ("tokenize_data", ["colorization", "--input", "{tmp}/photos", "--output", "{tmp}/c.jsonl", "--vqgan", "{tmp}/nothing"], 1,
+     "nothing: no such folder (the released VQGAN is the folder vqvae_ckpts of huggingface.co/Emma02/vqvae_ckpts"),
+    ("tokenize_data", ["colorization", "--input", "{tmp}/photos", "--output", "{tmp}/c.jsonl", "--vqgan",
+                       "{tmp}/debug_run/step_00000002"], 1, "this is an LVM checkpoint (the language model), not a VQGAN"),
+    ("tokenize_data", ["colorization", "--input", "{tmp}/photos", "--output", "{tmp}/missing/c.jsonl", "--vqgan", "{vq}"],
+     2, "missing/c.jsonl: the folder"),
+    ("tokenize_data", ["pairs", "--input", "{tmp}/photos", "--output", "{tmp}/p.jsonl", "--vqgan", "{vq}"], 2,
+     "the following arguments are required: --targets"),
+    ("tokenize_data", ["mix", "--input", "{tmp}/empty.jsonl", "--output", "{tmp}/m.jsonl"], 1, "no lines of tokens"),
+    ("vqgan", [PHOTOS[0], "--vqgan", "{vq}", "--out", "{tmp}/recon", "--batch_size", "0"], 2,
+     "argument --batch_size: 0 is out of range"),
+    ("convert_hf", ["from-hf", "{tmp}/debug_run/step_00000002", "{tmp}/hf"], 1,
+     "a model.py checkpoint already; to-hf converts it to a Hugging Face folder"),
+    ("sample", ["--ckpt", "{tmp}/debug_run", "--vqgan", "{vq}", "--prompt", "{tmp}/photos", "--top_k", "-1"], 2,
+     "argument --top_k: -1 is out of range"),
+    ("bench", ["--sections", "Train"], 2, "unknown section 'Train'; choose from vqgan,"),
+    ("bench", ["--sections", ""], 2, "unknown section ''"),
+]
+
+
+@pytest.fixture(scope="module")
+def mistakes_folder(tmp_path_factory):
+    """A debug run with a checkpoint, three photos, a small corpus and an empty file."""
+    tmp = tmp_path_factory.mktemp("mistakes")
+    data = copy_corpus(tmp / "copy.jsonl", lines=20)
+    train.main(train_args(data, tmp / "debug_run", "--steps", "2", "--save_every", "2"))
+    photo_folder(tmp, {"cat.jpg": PHOTOS[1], "coffee.jpg": PHOTOS[2], "rocket.jpg": PHOTOS[3]})
+    (tmp / "empty.jsonl").write_text("")
+    return tmp
+
+
+@pytest.mark.parametrize("tool, argv, code, message", MISTAKES, ids=[f"{t}-{m[:30]}" for t, _, _, m in MISTAKES])
+def test_mistakes_give_one_line_and_leave_nothing(mistakes_folder, tiny_vqgan, capsys, tool, argv, code, message):
+    argv = [a.replace("{tmp}", str(mistakes_folder)).replace("{vq}", tiny_vqgan[0]) for a in argv]
+    listing = lambda: sorted(os.path.join(root, name) for root, dirs, files in os.walk(mistakes_folder) for name in dirs + files)
+    before, names = tree_bytes(mistakes_folder), listing()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        globals()[tool].main(argv)
+    captured = capsys.readouterr()
+    if code is None:  # raise SystemExit("error: ..."): Python prints the text and exits with 1
+        printed = str(exit_info.value.code)
+    else:
+        assert exit_info.value.code == code
+        printed = captured.err.strip().splitlines()[-1]  # argparse's usage line, then the one line that matters
+    assert "error:" in printed and message in printed and "\n" not in printed, (printed, captured)
+    assert "Traceback" not in captured.err + captured.out
+    assert tree_bytes(mistakes_folder) == before and listing() == names  # no output, no run folder, nothing changed
+
+
+def test_resume_names_the_flags_that_changed(tmp_path, capsys):
+    data = copy_corpus(tmp_path / "copy.jsonl", lines=50)
+    train.main(train_args(data, tmp_path / "run", "--steps", "2", "--save_every", "2"))
+    out = capsys.readouterr().out
+    assert "compiling the train step" in out and f"saved {tmp_path / 'run' / 'step_00000002'}" in out
+    assert re.search(r"done: step 2, loss \d+\.\d+, checkpoint .*step_00000002", out)
+    assert "mfu" not in capsys.readouterr().err  # no peak known on CPU: no figure rather than "n/a"
+    train.main(train_args(data, tmp_path / "run", "--steps", "3", "--lr", "1", "--batch_size", "16"))
+    assert "resuming with other flags than the run was saved with: --batch_size 8 -> 16, --lr 0.003 -> 1.0" in \
+        capsys.readouterr().out
+
+
+def test_mix_drops_and_counts_malformed_lines(tmp_path, capsys):
+    good = write_jsonl(tmp_path / "good.jsonl", [np.full(256, i) for i in range(3)])
+    with open(good, "a") as f:
+        f.write("not json\n" + json.dumps({"other": 1}) + "\n" + json.dumps({"tokens": "AAAA"}) + "\n")
+    tokenize_data.main(["mix", "--input", good, "--output", str(tmp_path / "mixed.jsonl")])
+    out = capsys.readouterr().out
+    assert "good.jsonl: dropped 3 malformed lines" in out and "wrote 3 lines" in out
+    assert sorted(int(tokens[0, 0]) for tokens in read_sentences(tmp_path / "mixed.jsonl")) == [0, 1, 2]

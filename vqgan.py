@@ -26,6 +26,8 @@ from PIL import Image
 from safetensors.numpy import load_file
 from tqdm import tqdm
 
+import model  # argparse helpers
+
 IMAGE_SIZE = 256
 TOKENS_PER_IMAGE = (IMAGE_SIZE // 16) ** 2  # the encoder downsamples by 16
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
@@ -515,13 +517,13 @@ def load_vqgan(path):
     return params, config
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=model.HelpFormatter)
     parser.add_argument("images", nargs="+", help="image files")
     parser.add_argument("--vqgan", required=True, help="VQGAN checkpoint folder")
     parser.add_argument("--out", required=True, help="folder for original|reconstruction PNGs")
     parser.add_argument("--batch_size", type=model.bounded(int, 1), default=8, help="images per VQGAN call")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     try:
         params, config = load_vqgan(args.vqgan)
         images = np.stack([load_image(p) for p in args.images])
