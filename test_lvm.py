@@ -560,8 +560,11 @@ def test_hf_index_shards_must_be_files_in_the_model_folder(tmp_path, capsys, sha
 
 
 def test_vqgan_bad_checkpoints_give_clear_errors(tmp_path):
-    with pytest.raises(ValueError, match="no config.json"):
+    with pytest.raises(ValueError, match="missing: no such folder"):
         vqgan.load_vqgan(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no config.json"):
+        vqgan.load_vqgan(tmp_path / "empty")
     folder = write_muse_checkpoint(tmp_path / "muse", diffusers_vq(ATTENTION_VQ))
     data = (folder / "pytorch_model.bin").read_bytes()
     (folder / "pytorch_model.bin").write_bytes(data[: len(data) // 2])
