@@ -12,6 +12,10 @@ Each image is encoded once (images decoded by a thread pool while the VQGAN runs
 in a memory-mapped file, and sentences are then composed from them for --epochs seeded
 permutations. Each line is {"tokens": base64 of little-endian int32}; the output is written under
 a temporary name and renamed when complete. The same --seed gives the same bytes.
+
+Each batch of images is split over every local device (raise --batch_size with the device count).
+--shard I/N takes every N-th clip, pair or image, so N processes or hosts each tokenize one part;
+`mix` merges the parts.
 """
 import argparse
 import base64
@@ -20,6 +24,7 @@ import concurrent.futures
 import json
 import os
 import time
+import zlib
 
 import numpy as np
 from tqdm import tqdm
@@ -56,9 +61,16 @@ def mask_image(image, rng):
     return image
 
 
-def job_rng(seed, index):
-    """The random stream of one image job: independent of worker timing, so outputs are reproducible."""
-    return np.random.default_rng([seed, index])
+def job_rng(seed, name):
+    """The random stream of one image: from its name, so outputs do not depend on worker timing or
+    on which --shard the image fell in."""
+    return np.random.default_rng([seed, zlib.crc32(name.encode())])
+
+
+def my_share(units, args):
+    """This process's part of the inputs under --shard I/N: every N-th unit (clip, pair, image)."""
+    index, count = args.shard
+    return units[index::count]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,24 +99,22 @@ def video_frames(path, stride):
 
 def sequence_jobs(args):
     """Clips: subfolders of frames, a folder of frames, or video files -> windows of --frames."""
-    jobs, clips = [], []
+    entries = []
     for root in args.input:
         if os.path.isfile(root) or vqgan.list_images(root):  # a video file or one folder of frames
-            entries = [root]
+            entries.append(root)
         else:  # a folder of clips
-            entries = sorted((os.path.join(root, d) for d in os.listdir(root)), key=vqgan.natural_key)
-        for entry in entries:
-            if os.path.isdir(entry):
-                frames = [image_job(p) for p in vqgan.list_images(entry)][::args.stride]
-            elif os.path.splitext(entry)[1].lower() in VIDEO_EXTENSIONS:
-                frames = video_frames(entry, args.stride)
-            else:
-                continue
-            if len(frames) < args.frames:
-                raise ValueError(f"{entry}: {len(frames)} frames at stride {args.stride}, "
-                                 f"a sentence needs {args.frames}")
-            clips.append(list(range(len(jobs), len(jobs) + len(frames))))
-            jobs += frames
+            entries += sorted((os.path.join(root, d) for d in os.listdir(root)), key=vqgan.natural_key)
+    entries = [e for e in entries if os.path.isdir(e) or os.path.splitext(e)[1].lower() in VIDEO_EXTENSIONS]
+    jobs, clips = [], []
+    for entry in my_share(entries, args):
+        frames = ([image_job(p) for p in vqgan.list_images(entry)][::args.stride] if os.path.isdir(entry)
+                  else video_frames(entry, args.stride))
+        if len(frames) < args.frames:
+            raise ValueError(f"{entry}: {len(frames)} frames at stride {args.stride}, "
+                             f"a sentence needs {args.frames}")
+        clips.append(list(range(len(jobs), len(jobs) + len(frames))))
+        jobs += frames
     if not clips:
         raise ValueError(f"{' '.join(args.input)}: no clips (folders of frames or video files) found")
 
@@ -136,13 +146,14 @@ def pairs_jobs(args):
         only_in = sorted(inputs.keys() - targets.keys())[:3], sorted(targets.keys() - inputs.keys())[:3]
         raise ValueError(f"{args.input[0]} has {len(inputs)} images, {args.targets} has {len(targets)}; "
                          f"unmatched stems: {only_in[0]} / {only_in[1]}")
-    jobs = [job for stem in sorted(inputs, key=vqgan.natural_key) for job in (image_job(inputs[stem]), image_job(targets[stem]))]
+    stems = my_share(sorted(inputs, key=vqgan.natural_key), args)
+    jobs = [job for stem in stems for job in (image_job(inputs[stem]), image_job(targets[stem]))]
     return jobs, pair_sentences([(i, i + 1) for i in range(0, len(jobs), 2)], args.shots)
 
 
 def transformed_pairs_jobs(args, transform):
     """[transform(x), x] pairs from plain images (colorization, inpainting)."""
-    paths = [p for folder in args.input for p in vqgan.list_images(folder)]
+    paths = my_share([p for folder in args.input for p in vqgan.list_images(folder)], args)
     jobs = [job for p in paths for job in (image_job(p, transform), image_job(p))]
     return jobs, pair_sentences([(i, i + 1) for i in range(0, len(jobs), 2)], args.shots)
 
@@ -152,7 +163,7 @@ def category_jobs(args):
     root = args.input[0]
     classes, jobs = [], []
     for name in sorted(os.listdir(root), key=vqgan.natural_key):
-        paths = vqgan.list_images(os.path.join(root, name)) if os.path.isdir(os.path.join(root, name)) else []
+        paths = my_share(vqgan.list_images(os.path.join(root, name)), args) if os.path.isdir(os.path.join(root, name)) else []
         if len(paths) >= args.images_per_shot:
             classes.append(list(range(len(jobs), len(jobs) + len(paths))))
             jobs += [image_job(p) for p in paths]
@@ -185,7 +196,7 @@ def category_jobs(args):
 # Encoding: a bounded window of image loads runs on a thread pool while the VQGAN encodes.
 
 
-def load_job(job, seed, index):
+def load_job(job, seed):
     try:
         image = job.load()
     except ValueError:
@@ -193,7 +204,7 @@ def load_job(job, seed, index):
     if job.transform == "gray":
         return gray(image)
     if job.transform == "mask":
-        return mask_image(image, job_rng(seed, index))
+        return mask_image(image, job_rng(seed, job.name))
     return image
 
 
@@ -208,7 +219,7 @@ def encode_jobs(jobs, params, config, tokens_file, args):
         submitted = 0
         for first in range(0, len(jobs), args.batch_size):
             while submitted < min(len(jobs), first + 4 * args.batch_size):  # keep loads ahead of the model
-                window.append(pool.submit(load_job, jobs[submitted], args.seed, submitted))
+                window.append(pool.submit(load_job, jobs[submitted], args.seed))
                 submitted += 1
             ids = range(first, min(first + args.batch_size, len(jobs)))
             waited = time.perf_counter()
@@ -354,6 +365,15 @@ def parse_args(argv=None):
                              help="sequence, pairs, colorization, inpainting, category, mix or show; MODE --help for its flags")
     count = model.bounded(int, 1)
 
+    def shard(text):
+        try:
+            index, total = (int(x) for x in text.split("/"))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not I/N (e.g. 0/4)") from None
+        if not 0 <= index < total:
+            raise argparse.ArgumentTypeError(f"{text}: I must be in [0, N)")
+        return index, total
+
     def mode(name, help, inputs, output):
         sub = modes.add_parser(name, help=help, description=help, formatter_class=model.HelpFormatter)
         sub.add_argument("--input", required=True, **inputs)
@@ -369,6 +389,9 @@ def parse_args(argv=None):
         sub.add_argument("--seed", type=int, default=0)
         sub.add_argument("--batch_size", type=count, default=8, help="images per VQGAN call")
         sub.add_argument("--workers", type=count, default=os.cpu_count(), help="image decoding threads")
+        sub.add_argument("--shard", type=shard, default="0/1", metavar="I/N",
+                         help="take part I of N (every N-th clip, pair or image): N processes or hosts each "
+                              "write one part, and mix merges them")
         return sub
 
     folders = {"nargs": "+", "metavar": "FOLDER", "help": "image folders"}

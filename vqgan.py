@@ -21,6 +21,7 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 from PIL import Image
 from safetensors.numpy import load_file
@@ -152,18 +153,25 @@ def decode_batch(params, config, tokens):
     return jnp.clip(decoder(params, config, conv(params, "post_quant_conv", z)), 0.0, 1.0)
 
 
+def local_mesh():
+    """This process's devices as a 1-D mesh: batches of images are split over it."""
+    return Mesh(np.array(jax.local_devices()), ("batch",))
+
+
 def batched(fn, params, config, inputs, batch_size):
     """Run a jitted batch function over any number of inputs in fixed-size chunks (one compile,
-    memory of one chunk); the last chunk is padded."""
+    memory of one chunk), each chunk split over every local device; the last chunk is padded."""
     inputs = np.asarray(inputs)
     if len(inputs) == 0:
         raise ValueError("no inputs")
-    size = min(batch_size, len(inputs))
+    devices = len(jax.local_devices())
+    size = -(-min(batch_size, len(inputs)) // devices) * devices  # a multiple of the device count
+    split = NamedSharding(local_mesh(), P("batch"))
     outputs = []
     for start in range(0, len(inputs), size):
         chunk = inputs[start:start + size]
         padded = np.concatenate([chunk, np.repeat(chunk[-1:], size - len(chunk), 0)])
-        outputs.append(np.asarray(fn(params, config, padded))[:len(chunk)])
+        outputs.append(np.asarray(fn(params, config, jax.device_put(padded, split)))[:len(chunk)])
     return np.concatenate(outputs)
 
 
@@ -514,7 +522,7 @@ def load_vqgan(path):
         if array.shape != shape:
             raise ValueError(f"{weights_file}: {name} has shape {array.shape}, config.json implies {shape}")
         params[name] = jnp.asarray(array.transpose(2, 3, 1, 0) if array.ndim == 4 else array)
-    return params, config
+    return jax.device_put(params, NamedSharding(local_mesh(), P())), config  # a copy on every local device
 
 
 def main(argv=None):
