@@ -58,8 +58,9 @@ def parse_args(argv=None):
                    help="gradient clipping at this global norm; 0 = no clipping")
     p.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor sizes; -1 takes the rest")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype")
-    p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=True,
-                   help="recompute layer activations in the backward pass")
+    p.add_argument("--remat", choices=["auto", "on", "off"], default="auto",
+                   help="recompute layer activations in the backward pass; auto: only if a step without it "
+                        "would not fit in 90%% of a device's memory (XLA's estimate)")
     p.add_argument("--eval_data", help="jsonl for evaluation loss / perplexity")
     p.add_argument("--eval_every", type=count, default=1000)
     p.add_argument("--eval_batches", type=count, default=8)
@@ -67,11 +68,11 @@ def parse_args(argv=None):
     p.add_argument("--keep", type=count, default=3, help="checkpoints kept")
     p.add_argument("--log_every", type=count, default=10)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--peak_tflops", type=float, help="per-device peak for MFU (known GPUs/TPUs need none)")
+    p.add_argument("--peak_tflops", type=model.bounded(float, 1e-6), help="per-device peak for MFU (known GPUs/TPUs need none)")
     p.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() (auto on SLURM)")
     p.add_argument("--coordinator", help="host:port of process 0, for --distributed without SLURM/TPU")
-    p.add_argument("--num_processes", type=int)
-    p.add_argument("--process_id", type=int)
+    p.add_argument("--num_processes", type=model.bounded(int, 1))
+    p.add_argument("--process_id", type=model.bounded(int, 0))
     p.add_argument("--compile_only", action="store_true",
                    help="compile one step on abstract inputs, print per-device memory, exit")
     args = p.parse_args(argv)
@@ -355,9 +356,9 @@ def peak_flops(args):
     return next((v * 1e12 for k, v in PEAK_TFLOPS.items() if k.lower() in kind.lower()), None)
 
 
-def compile_only(args, config, optimizer, mesh):
-    """Per-device memory of one step of the real recipe, without hardware: abstract inputs on a
-    mesh of (fake) devices, compiled, memory read from XLA's analysis."""
+def compile_step(args, config, optimizer, mesh):
+    """-> (the train step compiled for abstract inputs of the run's shapes and shardings, its
+    per-device bytes by XLA's memory analysis). Needs no hardware: fake devices will do."""
     params_sh, opt_sh = state_shardings(config, optimizer, mesh)
     abstract = lambda shapes, sh: jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=d), shapes, sh)
     params = abstract(jax.eval_shape(lambda: model.init_params(config, jax.random.key(0))), params_sh)
@@ -367,23 +368,47 @@ def compile_only(args, config, optimizer, mesh):
     with jax.set_mesh(mesh):
         compiled = step.lower(params, opt_state, batch, batch).compile()
     m = compiled.memory_analysis()
-    total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
-    print(f"{args.size or args.init} on {mesh.devices.size} devices, mesh {dict(mesh.shape)}, batch {args.accum}x{args.batch_size}x"
-          f"{args.seq_len}, {config.dtype}, remat {config.remat}: per device arguments "
-          f"{m.argument_size_in_bytes / 2**30:.2f} GiB, temporaries {m.temp_size_in_bytes / 2**30:.2f} GiB, "
-          f"total {total / 2**30:.2f} GiB")
+    return compiled, m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+
+
+def device_memory():
+    """Bytes one local device holds: XLA's limit on GPUs and TPUs; CPU devices share the host's RAM."""
+    limit = (jax.local_devices()[0].memory_stats() or {}).get("bytes_limit")
+    return limit or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / jax.local_device_count()
+
+
+def compile_with_remat_choice(args, config, optimizer, mesh):
+    """-> (config with remat decided, compiled step, per-device bytes). Remat recomputes every layer
+    in the backward pass (a third more FLOPs), so auto uses it only when the step would not fit."""
+    if args.remat != "auto":
+        config = dataclasses.replace(config, remat=args.remat == "on")
+        return config, *compile_step(args, config, optimizer, mesh)
+    compiled, total = compile_step(args, dataclasses.replace(config, remat=False), optimizer, mesh)
+    if total <= 0.9 * device_memory():
+        return dataclasses.replace(config, remat=False), compiled, total
+    config = dataclasses.replace(config, remat=True)
+    return config, *compile_step(args, config, optimizer, mesh)
+
+
+def compile_only(args, config, optimizer, mesh):
+    """Per-device memory of one step of the real recipe, without hardware: abstract inputs on a
+    mesh of (fake) devices, compiled, memory read from XLA's analysis."""
+    config, _, total = compile_with_remat_choice(args, config, optimizer, mesh)
+    print(f"{args.size or args.init} on {mesh.devices.size} devices, mesh {dict(mesh.shape)}, batch {args.accum}x"
+          f"{args.batch_size}x{args.seq_len}, {config.dtype}, remat {'on' if config.remat else 'off'}: "
+          f"{total / 2**30:.2f} GiB per device")
     return total
 
 
 def model_config(args):
     """-> (Config, the --init checkpoint or None): --size, or the size of the --init weights."""
     if not args.init:
-        return dataclasses.replace(model.CONFIGS[args.size], dtype=args.dtype, remat=args.remat), None
+        return dataclasses.replace(model.CONFIGS[args.size], dtype=args.dtype), None
     if not os.path.isdir(args.init):
         raise SystemExit(f"error: --init {args.init}: no such folder")
     init = model.newest_checkpoint(args.init)
     try:
-        config = dataclasses.replace(model.checkpoint_config(init), dtype=args.dtype, remat=args.remat)
+        config = dataclasses.replace(model.checkpoint_config(init), dtype=args.dtype)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: --init: {e} (expected a model.py checkpoint, a train.py run folder or a "
                          f"Hugging Face Llama folder)")
@@ -453,13 +478,14 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)  # only once the inputs are known to be there
     if jax.process_index() == 0:
         trim_metrics(args.out, step)
-    train_step = jax.jit(make_train_step(config, optimizer), donate_argnums=(0, 1))
     eval_step = jax.jit(lambda p, x, y: loss_fn(p, x, y, config))
     tokens_per_step = rows * args.seq_len
     flops_per_step = model.flops_per_token(config, args.seq_len) * tokens_per_step
     peak = peak_flops(args)
-    log(f"compiling the train step ({args.size or 'size of --init'}, {config.dtype}, mesh {dict(mesh.shape)}); "
-        f"the first step includes it")
+    log(f"compiling the train step ({args.size or 'size of --init'}, {config.dtype}, mesh {dict(mesh.shape)}) ...")
+    config, train_step, step_bytes = compile_with_remat_choice(args, config, optimizer, mesh)
+    log(f"compiled: {step_bytes / 2**30:.2f} GiB per device, remat {'on' if config.remat else 'off'} "
+        f"(--remat {args.remat})")
     bar = tqdm(total=args.steps, initial=step, unit="step", disable=jax.process_index() != 0)
     first_step = last_step = step
     last_time = time.perf_counter()

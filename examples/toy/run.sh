@@ -47,7 +47,7 @@ SEQ=1536  # one sentence per row, aligned: every line holds exactly 6 images
 stage "4/7 train the LVM ($LVM_STEPS steps of $BATCH x $SEQ tokens)"
 [ -d "$OUT/lvm/step_$(printf %08d $LVM_STEPS)" ] || python train.py --size toy --data "$OUT/tokens/dataset.jsonl" \
   --out "$OUT/lvm" --steps $LVM_STEPS --batch_size $BATCH --accum 1 --seq_len $SEQ --lr 1e-3 --end_lr 1e-4 \
-  --warmup $((LVM_STEPS / 10)) --decay_steps $LVM_STEPS --dtype float32 --no-remat --log_every 10 \
+  --warmup $((LVM_STEPS / 10)) --decay_steps $LVM_STEPS --dtype float32 --log_every 10 \
   --save_every 200 --mesh 1,1,1
 
 stage "5/7 held-out prompts (seed 1, never used for training): $PER_TASK per task"
