@@ -7,6 +7,7 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 import dataclasses
 import json
 import re
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -169,6 +170,21 @@ def test_prefill_then_decode_equals_full_forward():
         logits, cache = step(params, tokens[:, t], cache, DEBUG)
         np.testing.assert_allclose(np.asarray(logits), full[:, t], atol=1e-5, rtol=0)
     assert int(cache["pos"]) == 40
+
+
+@pytest.mark.parametrize("seq, end", [(1, 1), (1, 300), (5, 512), (40, 700), (768, 768)])
+def test_cached_attention_reads_blocks_as_full_softmax_attention(seq, end):
+    rng = np.random.default_rng(seq)
+    q = rng.standard_normal((2, seq, 3, 16)).astype(np.float32)
+    k, v = (rng.standard_normal((2, 1024, 3, 16)).astype(np.float32) for _ in range(2))
+    k[:, end:] = v[:, end:] = 1e4  # past the filled part: must never be read into the result
+    scores = np.einsum("bthd,bshd->bhts", q, k[:, :end]) / 4.0
+    positions = end - seq + np.arange(seq)
+    scores = np.where(np.arange(end)[None, :] <= positions[:, None], scores, -np.inf)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    expected = np.einsum("bhts,bshd->bthd", weights / weights.sum(-1, keepdims=True), v[:, :end])
+    got = jax.jit(model.cached_attention)(q, k, v, jnp.int32(end))
+    np.testing.assert_allclose(np.asarray(got), expected, atol=2e-5, rtol=0)
 
 
 def test_bad_tokens_and_lengths_give_clear_errors():
@@ -780,7 +796,7 @@ def copy_corpus(path, lines=400, seed=0):
 def train_args(data, out, *extra):
     return ["--size", "debug", "--data", data, "--out", str(out), "--batch_size", "8", "--accum", "1",
             "--seq_len", "64", "--warmup", "5", "--decay_steps", "40", "--lr", "3e-3", "--end_lr", "3e-4",
-            "--dtype", "float32", "--no-remat", "--log_every", "1", *extra]
+            "--dtype", "float32", "--remat", "off", "--log_every", "1", *extra]
 
 
 def read_metrics(out):
@@ -1092,7 +1108,7 @@ def read_sentences(path):
 
 
 def photo_folder(tmp_path, names, folder="photos"):
-    (tmp_path / folder).mkdir()
+    (tmp_path / folder).mkdir(parents=True)
     for name, source in names.items():
         shutil.copy(source, tmp_path / folder / name)
     return str(tmp_path / folder)
@@ -1150,7 +1166,7 @@ def test_pairs_colorization_inpainting_category_tokens(tmp_path, tiny_vqgan):
     tokenize_data.main(["inpainting", "--input", inputs, "--output", str(tmp_path / "i.jsonl"), *common])
     names = sorted(photos, key=vqgan.natural_key)
     masked = {tuple(t) for t in reference_tokens(tiny_vqgan, [
-        tokenize_data.mask_image(loaded[n], tokenize_data.job_rng(0, 2 * k)) for k, n in enumerate(names)])}
+        tokenize_data.mask_image(loaded[n], tokenize_data.job_rng(0, os.path.join(inputs, n))) for n in names])}
     for s in read_sentences(tmp_path / "i.jsonl"):
         assert {tuple(s[0]), tuple(s[2])} <= masked and {tuple(s[1]), tuple(s[3])} <= by_tokens(list(loaded.values()))
 
@@ -1167,11 +1183,67 @@ def test_pairs_colorization_inpainting_category_tokens(tmp_path, tiny_vqgan):
         assert len(rows) == 4 and rows[0] == rows[1] and rows[2] == rows[3] and rows[0] != rows[2]
 
 
+TOKENIZE_KINDS = {  # every kind of sentence, over the folders that kinds_folder writes
+    "sequence": ["--input", "{tmp}/clips", "--frames", "3"],
+    "pairs": ["--input", "{tmp}/photos", "--targets", "{tmp}/targets", "--shots", "2"],
+    "colorization": ["--input", "{tmp}/photos", "--shots", "2", "--epochs", "2"],
+    "inpainting": ["--input", "{tmp}/photos", "--shots", "2"],
+    "category": ["--input", "{tmp}/classes", "--shots", "2", "--images_per_shot", "2"],
+}
+
+
+def kinds_folder(tmp_path):
+    """Six photos with targets, two clips of four frames, three classes of three images."""
+    photo_folder(tmp_path, {f"img{i}.jpg": PHOTOS[i % 4] for i in range(6)})
+    photo_folder(tmp_path, {f"img{i}.jpg": PHOTOS[(i + 1) % 4] for i in range(6)}, "targets")
+    for c in range(2):
+        photo_folder(tmp_path / "clips", {f"f{k}.jpg": PHOTOS[(c + k) % 4] for k in range(4)}, f"clip{c}")
+    for c in range(3):
+        photo_folder(tmp_path / "classes", {f"{k}.jpg": PHOTOS[(c + k) % 4] for k in range(3)}, f"class{c}")
+
+
+def test_eight_devices_write_the_tokens_of_one_device(tmp_path, tiny_vqgan):
+    import subprocess
+    kinds_folder(tmp_path)
+    runs = [[kind, *(a.replace("{tmp}", str(tmp_path)) for a in argv), "--vqgan", tiny_vqgan[0]]
+            for kind, argv in TOKENIZE_KINDS.items()]
+    for argv in runs:  # here: 8 fake devices, each batch of 8 split over them
+        tokenize_data.main([*argv, "--output", str(tmp_path / f"{argv[0]}_8.jsonl")])
+    one_device = "; ".join(f"tokenize_data.main({[*argv, '--output', str(tmp_path / f'{argv[0]}_1.jsonl')]!r})"
+                           for argv in runs)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", "import jax, tokenize_data; assert jax.device_count() == 1; "
+                             + one_device], cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for kind in TOKENIZE_KINDS:
+        eight, one = (tmp_path / f"{kind}_8.jsonl").read_bytes(), (tmp_path / f"{kind}_1.jsonl").read_bytes()
+        assert eight == one and eight, kind
+
+
+def test_shards_together_are_the_unsharded_run(tmp_path, tiny_vqgan):
+    photos = photo_folder(tmp_path, {f"img{i}.jpg": PHOTOS[i % 4] for i in range(7)})
+    targets = photo_folder(tmp_path, {f"img{i}.jpg": PHOTOS[(i + i // 4 + 1) % 4] for i in range(7)}, "targets")
+    lines = {}
+    for shard in ("0/1", "0/2", "1/2"):
+        out = tmp_path / f"shard{shard.replace('/', 'of')}.jsonl"
+        tokenize_data.main(["pairs", "--input", photos, "--targets", targets, "--output", str(out), "--vqgan",
+                            tiny_vqgan[0], "--shots", "1", "--epochs", "1", "--shard", shard])
+        lines[shard] = out.read_text().splitlines()
+    assert len(lines["0/1"]) == 7 and len(set(lines["0/1"])) == 7  # seven distinct pairs
+    assert (len(lines["0/2"]), len(lines["1/2"])) == (4, 3) and not set(lines["0/2"]) & set(lines["1/2"])
+    assert set(lines["0/2"]) | set(lines["1/2"]) == set(lines["0/1"])
+    for bad in ("2/2", "1", "a/b"):
+        with pytest.raises(SystemExit) as exit_info:
+            tokenize_data.main(["pairs", "--input", photos, "--targets", targets, "--output", str(tmp_path / "x.jsonl"),
+                                "--vqgan", tiny_vqgan[0], "--shard", bad])
+        assert exit_info.value.code == 2
+
+
 def test_mask_image_follows_both_styles():
     image = np.ones((256, 256, 3), np.float32)
     squares = patches = 0
     for k in range(200):
-        hidden = tokenize_data.mask_image(image, tokenize_data.job_rng(1, k))[..., 0] == 0
+        hidden = tokenize_data.mask_image(image, tokenize_data.job_rng(1, f"image{k}.jpg"))[..., 0] == 0
         rows, cols = np.nonzero(hidden.any(1))[0], np.nonzero(hidden.any(0))[0]
         box = hidden[rows.min():rows.max() + 1, cols.min():cols.max() + 1] if hidden.any() else None
         if box is not None and box.all() and box.shape[0] == box.shape[1] and 25 <= box.shape[0] <= 128:
@@ -1424,8 +1496,6 @@ def test_count_and_ratio_flags_out_of_range_are_refused(capsys, tool, argv):
 
 # ---------------------------------------------------------------------------------------------
 # examples/toy: the toy world and its VQGAN trainer
-
-import sys
 
 sys.path.insert(0, os.path.join(HERE, "examples", "toy"))
 import train_vqgan  # noqa: E402
