@@ -1570,6 +1570,29 @@ def test_toy_vqgan_trainer_writes_a_folder_the_tokenizer_loads(tmp_path):
     assert tokens.shape == (2, 256) and tokens.max() < 16
 
 
+def test_carrier_start_is_a_patch_mean_autoencoder():
+    config = vqgan.VQConfig(hidden_channels=16, channel_mult=(1, 2, 2, 4, 4), num_res_blocks=1, z_channels=32,
+                            num_embeddings=64, quantized_embed_dim=8, norm_num_groups=4)
+    params = train_vqgan.carrier_init(config, train_vqgan.init_params(config, jax.random.key(0)))
+    rng = np.random.default_rng(0)
+    images = np.stack([world.render(world.random_scene(rng)), rng.uniform(0, 1, (256, 256, 3)).astype(np.float32)])
+    patch_means = images.reshape(2, 16, 16, 16, 16, 3).mean((2, 4))  # (image, row, column, colour)
+    z = np.asarray(train_vqgan.latents(params, config, jnp.asarray(images)))
+    np.testing.assert_allclose(z[..., :3], patch_means, atol=2e-3)
+    decoded = np.asarray(vqgan.decoder(params, config, vqgan.conv(params, "post_quant_conv", jnp.asarray(z))))
+    np.testing.assert_allclose(decoded, patch_means.repeat(16, 1).repeat(16, 2), atol=5e-3)
+    with pytest.raises(SystemExit, match="--init carrier needs --groups >= 3"):
+        train_vqgan.carrier_init(dataclasses.replace(config, norm_num_groups=2), params)
+
+
+def test_kmeans_finds_separated_clusters():
+    rng = np.random.default_rng(1)
+    centres = np.array([[0, 0], [10, 0], [0, 10]], np.float32)
+    points = np.concatenate([c + rng.normal(0, 0.1, (50, 2)) for c in centres]).astype(np.float32)
+    found = train_vqgan.kmeans(points, 3, rng)
+    np.testing.assert_allclose(sorted(map(tuple, found.round(0))), sorted(map(tuple, centres)), atol=0.5)
+
+
 def test_toy_pipeline_smoke_run_hands_each_stage_what_the_next_needs(tmp_path):
     import subprocess
     result = subprocess.run(["bash", os.path.join(HERE, "examples", "toy", "run.sh"), str(tmp_path / "toy"), "--smoke"],

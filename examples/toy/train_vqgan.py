@@ -1,16 +1,21 @@
-"""Train a small muse-family VQGAN from scratch on a folder of images (the toy world's renders).
+"""Train a small muse-family VQGAN on a folder of images (the toy world's renders).
 
-    python examples/toy/train_vqgan.py --data DIR --out VQGAN_DIR [--steps 300]
+    python examples/toy/train_vqgan.py --data DIR --out VQGAN_DIR [--steps 50]
 
 The result is a folder vqgan.load_vqgan reads like the released tokenizer (config.json +
 model.safetensors in the muse layout), so tokenize_data.py and sample.py use it unchanged.
 Losses: reconstruction (MSE) + codebook + commitment, straight-through gradients (no perceptual or
-adversarial loss: no pretrained network is available offline). The codebook is kept alive: the
-first --ae_steps train a plain autoencoder, then the codes start as encoder outputs, and codes
-unused for --restart_every steps are moved onto encoder outputs of the current batch.
-It trains on whole 256x256 images by default: the network is fully convolutional, but GroupNorm
-normalises over the whole image, and crops have other statistics (measured: a model at 21 dB on
-64x64 crops gave 15 dB on whole images). Crops (--crop, on the 16-pixel token grid) are faster.
+adversarial loss: no pretrained network is available offline).
+
+The network starts as an exact patch-mean-colour autoencoder (--init carrier, below): on the toy
+world that is 27 dB before any step, where training from random weights reached 16-19 dB after
+300 steps (10 minutes on 2 cores) and never passed the per-image mean colour. The codebook starts
+as k-means of the latents of --kmeans_images images; codes unused for --restart_every steps move
+onto latents of the current batch. Measured on the toy world: held-out 27.2 dB at the start and
+after 60 or 150 steps at lr 2e-5; learning rates of 5e-5 and up drift away from the start (16-24
+dB on the way) faster than they learn edges in a few hundred steps, so the default is 50 gentle
+steps. Training uses whole 256x256 images (--crop for random crops on the 16-pixel grid; GroupNorm
+statistics of crops differ from whole images).
 """
 import argparse
 import json
@@ -47,6 +52,91 @@ def init_params(config, key):
         params["decoder.conv_out.weight"] *= 0.1
         params["decoder.conv_out.bias"] += 0.5
     return params
+
+
+# The carrier start: weights that make the untrained network an exact patch-mean-colour autoencoder
+# (the encoder averages each 16x16 patch, the decoder paints it flat: 27 dB on the toy world), so
+# training spends its few minutes on edges, not on discovering colour. Two facts make it exact in
+# the muse architecture: every channel is carried with its negative (silu(x) - silu(-x) = x, and a
+# group of +/- pairs has mean 0 for GroupNorm), and each group also carries a constant pair +/-C,
+# which fixes the group's spread at C*sqrt(2/n) (n channels per group) whatever the image.
+CARRIER = 20.0
+SLOTS = 4  # per GroupNorm group: +signal, -signal, +C, -C (signals R, G, B in groups 0, 1, 2)
+
+
+def carrier_init(config, params):
+    groups = config.norm_num_groups
+    widths = [config.hidden_channels * m for m in (1, *config.channel_mult)]
+    if groups < 3 or min(widths) < SLOTS * groups or any(w % groups for w in widths):
+        raise SystemExit(f"error: --init carrier needs --groups >= 3 and at least {SLOTS} channels per group "
+                         f"at every level (widths {widths}, {groups} groups); use --init random")
+
+    def slot(channels, group, k):
+        return group * (channels // groups) + k
+
+    def from_rgb(channels):  # (3, channels): colour k -> +/- pair of group k
+        m = np.zeros((3, channels), np.float32)
+        for k in range(3):
+            m[k, slot(channels, k, 0)], m[k, slot(channels, k, 1)] = 1, -1
+        return m
+
+    def to_rgb(channels):  # (channels, 3), after GroupNorm and silu: sigma * (silu(x) - silu(-x))
+        m, sigma = np.zeros((channels, 3), np.float32), CARRIER * (2 * groups / channels) ** 0.5
+        for k in range(3):
+            m[slot(channels, k, 0), k], m[slot(channels, k, 1), k] = sigma, -sigma
+        return m
+
+    def carry(cin, cout):  # (cin, cout): every group's four slots to the same slots
+        m = np.zeros((cin, cout), np.float32)
+        for g in range(groups):
+            for k in range(SLOTS):
+                m[slot(cin, g, k), slot(cout, g, k)] = 1
+        return m
+
+    def carrier_bias(channels):
+        b = np.zeros(channels, np.float32)
+        for g in range(groups):
+            b[slot(channels, g, 2)], b[slot(channels, g, 3)] = CARRIER, -CARRIER
+        return b
+
+    out = dict(params)
+    for name, w in params.items():
+        if not name.endswith(".weight") or w.ndim != 4:
+            continue
+        base, (kh, kw, cin, cout) = name[:-len(".weight")], w.shape
+        new, bias = np.zeros(w.shape, np.float32), np.zeros(cout, np.float32)
+        if base.endswith((".conv2", ".proj_out")):  # residual branches start closed: identity blocks
+            pass
+        elif base.endswith(".nin_shortcut"):
+            new[0, 0] = carry(cin, cout)
+        elif base == "encoder.conv_in":
+            new[1, 1], bias = from_rgb(cout), carrier_bias(cout)
+        elif base.endswith("downsample.conv"):  # pad right/bottom, stride 2: taps [0:2, 0:2] = 2x2 mean
+            new[:2, :2] = 0.25 * np.eye(cin, dtype=np.float32)
+        elif base.endswith("upsample.conv"):
+            new[1, 1] = np.eye(cin, dtype=np.float32)
+        elif base in ("encoder.conv_out", "decoder.conv_out"):
+            new[1, 1, :, :3] = to_rgb(cin)
+        elif base in ("quant_conv", "post_quant_conv"):
+            new[0, 0] = np.eye(cin, cout, dtype=np.float32)
+        elif base == "decoder.conv_in":  # latent dims past the colour start random (they are 0 at first)
+            new[1, 1] = np.asarray(w[1, 1])
+            new[1, 1, :3], bias = from_rgb(cout), carrier_bias(cout)
+        else:  # conv1 of the residual branches: random, so the closed branches still get gradients
+            continue
+        out[name], out[f"{base}.bias"] = jnp.asarray(new), jnp.asarray(bias)
+    return out
+
+
+def kmeans(points, k, rng, iterations=10):
+    """Lloyd's k-means: the codebook's start, spread over the latents of many images."""
+    centres = points[rng.choice(len(points), k, replace=len(points) < k)].copy()
+    for _ in range(iterations):
+        nearest = np.argmin((points ** 2).sum(1)[:, None] + (centres ** 2).sum(1)[None] - 2 * points @ centres.T, 1)
+        for c in range(k):
+            members = points[nearest == c]
+            centres[c] = members.mean(0) if len(members) else points[rng.integers(len(points))]
+    return centres
 
 
 def latents(params, config, images):
@@ -121,24 +211,31 @@ def save(folder, config, params):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=model.HelpFormatter)
+    count = model.bounded(int, 1)
     p.add_argument("--data", required=True, help="folder searched recursively for images")
     p.add_argument("--out", required=True, help="VQGAN folder to write")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--ae_steps", type=int, default=100, help="first steps without quantization")
-    p.add_argument("--batch_size", type=int, default=4)
+    p.add_argument("--steps", type=count, default=50)
+    p.add_argument("--ae_steps", type=model.bounded(int, 0), default=0, help="first steps without quantization")
+    p.add_argument("--batch_size", type=count, default=4)
     p.add_argument("--crop", type=int, default=256, help="training crop side, a multiple of 16")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--beta", type=float, default=0.25, help="commitment cost")
-    p.add_argument("--restart_every", type=int, default=100, help="steps between dead-code restarts")
-    p.add_argument("--hidden", type=int, default=16, help="channels at full resolution")
+    p.add_argument("--lr", type=model.bounded(float, 1e-12), default=2e-5, help="peak learning rate")
+    p.add_argument("--branch_lr", type=model.bounded(float, 1e-12), default=2e-5,
+                   help="peak learning rate of the residual branches and the codebook")
+    p.add_argument("--beta", type=model.bounded(float, 0.0), default=0.25, help="commitment cost")
+    p.add_argument("--restart_every", type=count, default=100, help="steps between dead-code restarts")
+    p.add_argument("--hidden", type=count, default=16, help="channels at full resolution")
     p.add_argument("--channel_mult", default="1,2,2,4,4")
-    p.add_argument("--res_blocks", type=int, default=1)
-    p.add_argument("--groups", type=int, default=4, help="GroupNorm groups (muse: 32)")
-    p.add_argument("--z_channels", type=int, default=32)
-    p.add_argument("--embed_dim", type=int, default=8, help="code dimension")
-    p.add_argument("--codes", type=int, default=1024)
-    p.add_argument("--max_images", type=int, default=2000)
-    p.add_argument("--eval_images", type=int, default=32, help="held out, scored at the end")
+    p.add_argument("--res_blocks", type=count, default=1)
+    p.add_argument("--groups", type=count, default=4, help="GroupNorm groups (muse: 32)")
+    p.add_argument("--z_channels", type=count, default=32)
+    p.add_argument("--embed_dim", type=count, default=8, help="code dimension")
+    p.add_argument("--codes", type=count, default=1024)
+    p.add_argument("--init", choices=["carrier", "random"], default="carrier",
+                   help="carrier: start as an exact patch-mean-colour autoencoder (27 dB on the toy world); "
+                        "random: He init")
+    p.add_argument("--kmeans_images", type=count, default=64, help="images whose latents start the codebook")
+    p.add_argument("--max_images", type=count, default=2000)
+    p.add_argument("--eval_images", type=count, default=32, help="held out, scored at the end")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     if args.crop % 16 or not 16 <= args.crop <= vqgan.IMAGE_SIZE:
@@ -153,8 +250,18 @@ def main(argv=None):
         raise SystemExit(f"error: {args.data}: all {len(held_out)} images were held out; render more")
 
     params = init_params(config, jax.random.key(args.seed))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, min(100, args.steps // 10), args.steps, args.lr / 20)
-    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
+    if args.init == "carrier":
+        params = carrier_init(config, params)
+    def adam(lr):
+        return optax.adam(optax.warmup_cosine_decay_schedule(0.0, lr, min(100, args.steps // 10), args.steps, lr / 20))
+
+    # the residual branches (closed at the carrier start) and the codebook learn at --branch_lr; the
+    # carrier path itself at --lr, gently: Adam moves every weight by about lr per step, and the
+    # weights that read the +/-C carriers would shift every colour at once
+    branch = lambda name: any(part in name for part in (".conv1.", ".conv2.", ".norm1.", ".norm2.", "quantize."))
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.multi_transform(
+        {"branch": adam(args.branch_lr), "carrier": adam(args.lr)},
+        lambda params: {name: "branch" if branch(name) else "carrier" for name in params}))
     opt_state = optimizer.init(params)
 
     def train_step(params, opt_state, images, use_codes):
@@ -170,10 +277,15 @@ def main(argv=None):
     for step in bar:
         batch = random_crops(images, args.crop, args.batch_size, rng)
         use_codes = step >= args.ae_steps
-        if use_codes and (step - args.ae_steps) % args.restart_every == 0:
-            # (re)start codes on encoder outputs: all of them at first, then only the unused ones
+        if step == args.ae_steps:  # the codebook starts as k-means of the latents of many images
+            sample = images[rng.permutation(len(images))[:args.kmeans_images]].astype(np.float32) / 255
+            z = np.concatenate([np.asarray(encode_latents(params, jnp.asarray(sample[i:i + 8])))
+                                for i in range(0, len(sample), 8)]).reshape(-1, args.embed_dim)
+            params["quantize.embedding.weight"] = jnp.asarray(kmeans(z, args.codes, rng))
+            usage[:] = 0
+        elif use_codes and (step - args.ae_steps) % args.restart_every == 0:  # unused codes move onto latents
             z = np.asarray(encode_latents(params, jnp.asarray(batch))).reshape(-1, args.embed_dim)
-            dead = np.arange(args.codes) if step == args.ae_steps else np.flatnonzero(usage == 0)
+            dead = np.flatnonzero(usage == 0)
             if len(dead):
                 picks = z[rng.integers(0, len(z), len(dead))] + rng.normal(0, 1e-3, (len(dead), args.embed_dim))
                 params["quantize.embedding.weight"] = params["quantize.embedding.weight"].at[dead].set(picks)
