@@ -1701,6 +1701,20 @@ def test_mistakes_give_one_line_and_leave_nothing(mistakes_folder, tiny_vqgan, c
     assert tree_bytes(mistakes_folder) == before and listing() == names  # no output, no run folder, nothing changed
 
 
+def test_bench_without_the_test_requirements_says_what_to_install():
+    import subprocess
+    code = ("import sys, runpy; sys.modules['torch'] = None; sys.argv = ['bench.py'] + sys.argv[1:]; "
+            "runpy.run_path('bench.py', run_name='__main__')")
+    for argv in ([], ["--help"]):
+        result = subprocess.run([sys.executable, "-c", code, *argv], cwd=HERE, capture_output=True, text=True,
+                                env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=120)
+        if argv:  # --help works without torch
+            assert result.returncode == 0 and "--sections" in result.stdout
+        else:
+            assert result.returncode == 1 and "Traceback" not in result.stderr
+            assert "pip install -r requirements-test.txt" in result.stderr.strip().splitlines()[-1]
+
+
 def test_resume_names_the_flags_that_changed(tmp_path, capsys):
     data = copy_corpus(tmp_path / "copy.jsonl", lines=50)
     train.main(train_args(data, tmp_path / "run", "--steps", "2", "--save_every", "2"))
