@@ -1624,7 +1624,7 @@ def test_toy_pipeline_bad_arguments(argv, message):
 
 def test_mesh_too_big_and_show_of_a_bad_line_give_one_line(tmp_path, tiny_vqgan, capsys):
     with pytest.raises(SystemExit, match="error: --mesh: mesh '16,1,1' needs 16 devices, there are 8"):
-        train.main(train_args(str(tmp_path / "d.jsonl"), tmp_path / "run", "--mesh", "16,1,1"))
+        train.main(train_args(copy_corpus(tmp_path / "d.jsonl", lines=5), tmp_path / "run", "--mesh", "16,1,1"))
     for text, message in [("not json\n", "JSONDecodeError"), ('{"other": 1}\n', "KeyError")]:
         (tmp_path / "bad.jsonl").write_text(text)
         with pytest.raises(SystemExit):
@@ -1646,6 +1646,8 @@ MISTAKES = [  # (tool, argv with {tmp} and {vq} filled in, exit code, what the l
     ("train", ["--size", "debug", "--data", PHOTOS[1], "--out", "{tmp}/run"], None,
      "cat.jpg: the first 20 lines are not visual sentences"),
     ("train", ["--size", "debug", "--data", "{tmp}/empty.jsonl", "--out", "{tmp}/run"], None, "empty.jsonl: empty file"),
+    ("train", ["--size", "debug", "--data", "{tmp}/missing.jsonl", "--out", "{tmp}/run"], None,
+     "--data {tmp}/missing.jsonl: no such file"),
     ("train", ["--data", "{tmp}/copy.jsonl", "--out", "{tmp}/run"], 2, "--size is required (or --init"),
     ("tokenize_data", ["colorization", "--input", "{tmp}/photos", "--output", "{tmp}/c.jsonl", "--vqgan", "{vq}"], 1,
      "(6 of 6 readable); a sentence needs 8 readable pairs (--shots)"),
@@ -1685,6 +1687,7 @@ def mistakes_folder(tmp_path_factory):
 @pytest.mark.parametrize("tool, argv, code, message", MISTAKES, ids=[f"{t}-{m[:30]}" for t, _, _, m in MISTAKES])
 def test_mistakes_give_one_line_and_leave_nothing(mistakes_folder, tiny_vqgan, capsys, tool, argv, code, message):
     argv = [a.replace("{tmp}", str(mistakes_folder)).replace("{vq}", tiny_vqgan[0]) for a in argv]
+    message = message.replace("{tmp}", str(mistakes_folder))
     listing = lambda: sorted(os.path.join(root, name) for root, dirs, files in os.walk(mistakes_folder) for name in dirs + files)
     before, names = tree_bytes(mistakes_folder), listing()
     capsys.readouterr()

@@ -423,6 +423,8 @@ def main(argv=None):
     if args.distributed or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU runs; GPUs/TPUs ignore it
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    if not args.compile_only and not os.path.isfile(args.data):  # before any weights are read or compiled
+        raise SystemExit(f"error: --data {args.data}: no such file")
     config, init = model_config(args)
     if args.seq_len > config.max_seq:
         raise SystemExit(f"error: --seq_len {args.seq_len} is longer than the model's {config.max_seq}")
