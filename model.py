@@ -723,8 +723,10 @@ def config_from_hf(folder, hf):
 
 def hf_tensors(folder):
     """HF LlamaForCausalLM folder (single or sharded safetensors, any float dtype) ->
-    (Config, write_safetensors entries (our name, shape, dtype, make)): make() reads and stacks one
-    of our tensors, so a caller can hold one tensor at a time."""
+    (Config, [(our name, shape, dtype, read)]), usable as write_safetensors entries: read(index)
+    reads that slice of one of our tensors (stacking HF's per-layer tensors, transposing HF's
+    (out, in) weights), so a caller holds one piece at a time. Every tensor's presence and shape
+    is checked from the shard headers before any data is read."""
     config_file = os.path.join(folder, "config.json")
     if not os.path.isfile(config_file):
         raise ValueError(f"{folder}: no config.json (expected a Hugging Face model folder)")
