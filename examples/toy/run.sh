@@ -3,7 +3,7 @@
 # pose held-out visual prompts and score the answers. Each stage is the project's own CLI; a stage
 # whose output is complete is skipped, so running it again continues where it stopped.
 #
-#   bash examples/toy/run.sh OUT            # the full run (about 25 minutes on 2 CPU cores)
+#   bash examples/toy/run.sh OUT            # the full run (under 30 minutes on 2 CPU cores)
 #   bash examples/toy/run.sh OUT --smoke    # tiny sizes, to check the stages fit together
 set -euo pipefail
 if [ $# -lt 1 ] || [ $# -gt 2 ] || { [ $# -eq 2 ] && [ "$2" != --smoke ]; }; then
@@ -19,10 +19,10 @@ TASKS="flip recolour segment inpaint"
 if [ "${2:-}" = --smoke ]; then
   CLIPS=2 PAIRS=4 VQ_STEPS=4 VQ_AE=0 LVM_STEPS=2 PER_TASK=1 BATCH=1
 else
-  CLIPS=150 PAIRS=150 VQ_STEPS=50 VQ_AE=0 LVM_STEPS=750 PER_TASK=10 BATCH=4
+  CLIPS=150 PAIRS=150 VQ_STEPS=50 VQ_AE=0 LVM_STEPS=1300 PER_TASK=10 BATCH=2
 fi
-stage() { echo; echo "== $*"; }
 started=$SECONDS
+stage() { echo; echo "== [$(( (SECONDS - started) / 60 ))m$(( (SECONDS - started) % 60 ))s] $*"; }
 
 stage "1/7 render the toy world: $CLIPS clips of 12 frames, $PAIRS pairs for each of: $TASKS"
 [ -f "$OUT/data/done" ] || { python $TOY/world.py render --out "$OUT/data" --seed 0 --clips $CLIPS --frames 12 --pairs $PAIRS \
