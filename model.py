@@ -323,43 +323,18 @@ def init_cache(config, batch, cache_len):
     return {"k": zeros(), "v": zeros(), "pos": jnp.zeros((), jnp.int32)}
 
 
-def cached_attention(q, k_cache, v_cache, end, block=256):
-    """q (batch, seq, heads, head_dim) at positions end-seq..end-1 attending causally to the cache
-    (batch, cache_len, heads, head_dim). Only the filled blocks up to `end` are read, one at a time
-    with an online softmax (as FlashAttention does): decoding is bound by memory reads, and a cache
-    of 16 images read in full costs as much as the 100m model's weights."""
-    B, T, H, D = q.shape
-    block = block if k_cache.shape[1] % block == 0 else k_cache.shape[1]
-    positions = end - T + jnp.arange(T)  # (seq,)
-    q = q.astype(jnp.float32) * D ** -0.5
-
-    def read_block(i, carry):
-        best, total, out = carry  # running max (batch, heads, seq), softmax sum, weighted values (.., head_dim)
-        k, v = (jax.lax.dynamic_slice_in_dim(c, i * block, block, axis=1).astype(jnp.float32) for c in (k_cache, v_cache))
-        scores = jnp.einsum("bthd,bshd->bhts", q, k)
-        visible = i * block + jnp.arange(block)[None, :] <= positions[:, None]  # (seq, block)
-        scores = jnp.where(visible, scores, -jnp.inf)
-        new_best = jnp.maximum(best, scores.max(-1))  # finite after block 0: every query sees key 0
-        weights = jnp.exp(scores - new_best[..., None])
-        rescale = jnp.exp(best - new_best)
-        return (new_best, total * rescale + weights.sum(-1),
-                out * rescale[..., None] + jnp.einsum("bhts,bshd->bhtd", weights, v))
-
-    start = (jnp.full((B, H, T), -jnp.inf), jnp.zeros((B, H, T)), jnp.zeros((B, H, T, D)))
-    _, total, out = jax.lax.fori_loop(0, (end + block - 1) // block, read_block, start)
-    return (out / total[..., None]).transpose(0, 2, 1, 3)  # (batch, seq, heads, head_dim) float32
-
-
 def forward_cached(params, tokens, cache, config):
     """Run tokens (batch, seq) at positions pos..pos+seq of the cache -> (logits, new cache)."""
     start, T = cache["pos"], tokens.shape[1]
     cos, sin = rope_tables(start + jnp.arange(T), config)
+    visible = jnp.arange(cache["k"][0].shape[1])[None, :] <= start + jnp.arange(T)[:, None]  # (seq, cache_len)
     x, new_k, new_v = embed(params, tokens, config), [], []
     for p, k_cache, v_cache in zip(params["layers"], cache["k"], cache["v"]):
         q, k, v = attention_inputs(x, p, cos, sin, config)
         k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, start, 0, 0))
         v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, start, 0, 0))
-        attn = cached_attention(q, k_cache, v_cache, start + T).astype(x.dtype)
+        attn = jax.nn.dot_product_attention(q, k_cache.astype(x.dtype), v_cache.astype(x.dtype),
+                                            mask=visible[None, None])
         x = layer_output(x, attn, p, config)
         new_k.append(k_cache)
         new_v.append(v_cache)
