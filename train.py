@@ -270,8 +270,9 @@ def restore(path, config, optimizer, mesh):
     """-> (params, opt_state, step, data position, recipe flags), read tensor by tensor into their
     shards; a ValueError if the checkpoint is damaged."""
     saved_config = model.read_config(path)
-    if differences(saved_config, config):
-        raise SystemExit(f"error: {path} holds another model than the one asked for ({differences(saved_config, config)}); "
+    mismatch = differences(saved_config, config)
+    if mismatch:
+        raise SystemExit(f"error: {path} holds another model than the one asked for ({mismatch}); "
                          f"use another --out, or the run's own --size / --init")
     _, params = model.load_sharded(path, mesh)  # checks every tensor against the config, and the checksums
     opt_shapes = jax.eval_shape(optimizer.init, params)
@@ -380,13 +381,12 @@ def device_memory():
 def compile_with_remat_choice(args, config, optimizer, mesh):
     """-> (config with remat decided, compiled step, per-device bytes). Remat recomputes every layer
     in the backward pass (a third more FLOPs), so auto uses it only when the step would not fit."""
-    if args.remat != "auto":
-        config = dataclasses.replace(config, remat=args.remat == "on")
-        return config, *compile_step(args, config, optimizer, mesh)
-    compiled, total = compile_step(args, dataclasses.replace(config, remat=False), optimizer, mesh)
-    if total <= 0.9 * device_memory():
-        return dataclasses.replace(config, remat=False), compiled, total
-    config = dataclasses.replace(config, remat=True)
+    if args.remat == "auto":
+        config = dataclasses.replace(config, remat=False)
+        compiled, total = compile_step(args, config, optimizer, mesh)
+        if total <= 0.9 * device_memory():
+            return config, compiled, total
+    config = dataclasses.replace(config, remat=args.remat != "off")
     return config, *compile_step(args, config, optimizer, mesh)
 
 
@@ -412,9 +412,10 @@ def model_config(args):
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: --init: {e} (expected a model.py checkpoint, a train.py run folder or a "
                          f"Hugging Face Llama folder)")
-    if args.size and differences(model.CONFIGS[args.size], config):
-        raise SystemExit(f"error: --size {args.size} does not match --init {init} "
-                         f"({differences(model.CONFIGS[args.size], config)}); leave --size out to take the checkpoint's")
+    mismatch = args.size and differences(model.CONFIGS[args.size], config)
+    if mismatch:
+        raise SystemExit(f"error: --size {args.size} does not match --init {init} ({mismatch}); "
+                         f"leave --size out to take the checkpoint's")
     return config, init
 
 
