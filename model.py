@@ -229,17 +229,22 @@ def apply_rope(x, cos, sin):  # x (batch, seq, heads, head_dim); cos, sin (seq, 
 
 def causal_attention(q, k, v, block=128):
     """Causal self-attention over (batch, seq, heads, head_dim). GPUs and TPUs get one fused
-    kernel. On CPU XLA would compute all seq x seq scores, half of them masked; query blocks that
-    see keys only up to their own end skip that half (forward + backward 2.2x faster at seq 1024)."""
+    kernel. On CPU XLA would compute all seq x seq scores, half of them masked: instead each block
+    of queries sees only the keys up to its own end, with the heads leading (batch, heads, seq,
+    head_dim) so that every product is one batched matmul (forward + backward 2.6x faster than
+    masked full attention at seq 1536)."""
     seq = q.shape[1]
     if jax.default_backend() != "cpu" or seq <= block:
         return jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    q, k, v = (x.swapaxes(1, 2) for x in (q * q.shape[-1] ** -0.5, k, v))  # (batch, heads, seq, head_dim)
     outputs = []
     for start in range(0, seq, block):
         end = min(start + block, seq)
+        scores = jnp.einsum("bhqd,bhkd->bhqk", q[:, :, start:end], k[:, :, :end]).astype(jnp.float32)
         visible = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]  # (block, end)
-        outputs.append(jax.nn.dot_product_attention(q[:, start:end], k[:, :end], v[:, :end], mask=visible[None, None]))
-    return jnp.concatenate(outputs, axis=1)
+        probs = jax.nn.softmax(jnp.where(visible, scores, -jnp.inf), axis=-1).astype(v.dtype)
+        outputs.append(jnp.einsum("bhqk,bhkd->bhqd", probs, v[:, :, :end]))
+    return jnp.concatenate(outputs, axis=2).swapaxes(1, 2)
 
 
 def attention_inputs(x, p, cos, sin, config):
