@@ -24,6 +24,7 @@ try:
 except ImportError:  # reported by main(), after --help
     torch = None
 
+import formats
 import model
 import sample
 import train
@@ -70,7 +71,7 @@ def bench_train(sizes=("debug", "100m"), seq=1024, batch=1, repeats=3):
     print("| size | ours tokens/s | ours MFU | torch tokens/s | torch MFU | ratio |\n|---|---|---|---|---|---|")
     for size in sizes:
         config = dataclasses.replace(model.CONFIGS[size], dtype="float32")
-        args = train.parse_args(["--compile_only", "--warmup", "10"])
+        args = train.parse_args(["--size", size, "--compile_only", "--warmup", "10"])
         optimizer, _ = train.make_optimizer(args)
         step = jax.jit(train.make_train_step(config, optimizer), donate_argnums=(0, 1))
         state = [model.init_params(config, jax.random.key(0))]
@@ -199,9 +200,9 @@ def bench_convert(size="1b"):
     with tempfile.TemporaryDirectory(dir=HERE) as tmp:
         # written one tensor at a time, so making the checkpoint needs no whole model in memory either
         entries = [(name, s.shape, np.float32, lambda s=s: np.random.default_rng(0).standard_normal(s.shape, np.float32) * 0.02)
-                   for name, s in model.expected_shapes(config).items()]
+                   for name, s in formats.model_shapes(config).items()]
         os.makedirs(os.path.join(tmp, "ckpt"))
-        model.write_safetensors(os.path.join(tmp, "ckpt", "params.safetensors"), entries)
+        formats.write_safetensors(os.path.join(tmp, "ckpt", "params.safetensors"), entries)
         with open(os.path.join(tmp, "ckpt", "config.json"), "w") as f:
             json.dump(dataclasses.asdict(config), f)
         size_gb = os.path.getsize(os.path.join(tmp, "ckpt", "params.safetensors")) / 1e9
@@ -214,7 +215,7 @@ def bench_convert(size="1b"):
         # --init's loading on 8 fake CPU devices, whose "device" buffers are host memory too: the
         # loaded params (1x the bf16 folder in bfloat16, 2x in float32) count in the peak
         load = ("import jax, jax.numpy as jnp, model; "
-                "jax.block_until_ready(model.load_sharded('hf', model.make_mesh('1,-1,1'), getattr(jnp, sys.argv[1])))")
+                "jax.block_until_ready(formats.load_sharded('hf', model.make_mesh('1,-1,1'), getattr(jnp, sys.argv[1])))")
         for dtype, resident in [("bfloat16", 1), ("float32", 2)]:
             peak, seconds = peak_rss(load, [dtype], tmp, {"XLA_FLAGS": "--xla_force_host_platform_device_count=8",
                                                         "JAX_PLATFORMS": "cpu"})
@@ -235,7 +236,7 @@ def section_list(text):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=model.HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=formats.HelpFormatter)
     p.add_argument("--sections", type=section_list, default=",".join(SECTIONS), metavar="NAMES",
                    help=f"comma-separated, from {','.join(SECTIONS)}")
     args = p.parse_args(argv)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
+import formats
 import model
 
 DTYPES = {"float32": np.float32, "bfloat16": jnp.bfloat16, "float16": np.float16}
@@ -46,15 +47,15 @@ def hf_config(config, dtype):
 def to_hf(ckpt, out, dtype="bfloat16", shard_size=5 * 10 ** 9, overwrite=False):
     """Our checkpoint -> HF folder: config.json and model.safetensors, or
     model-0000k-of-0000n.safetensors shards + model.safetensors.index.json above shard_size."""
-    model.check_separate(ckpt, out)
-    if model.is_hf_folder(ckpt):
+    formats.check_separate(ckpt, out)
+    if formats.is_hf_folder(ckpt):
         raise ValueError(f"{ckpt}: a Hugging Face folder already; from-hf converts it to a model.py checkpoint")
-    config = model.read_config(ckpt)
-    model.verify_checksums(ckpt)
+    config = formats.read_config(ckpt)
+    formats.verify_checksums(ckpt)
     target = np.dtype(DTYPES[dtype])
     weights = os.path.join(ckpt, "params.safetensors")
     with safe_open(weights, framework="numpy") as f:
-        model.check_shapes(ckpt, config, {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
+        formats.check_shapes(ckpt, config, {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
         def reader(name, layer, transpose):
             def make():
                 array = f.get_slice(name)[layer] if layer is not None else f.get_tensor(name)
@@ -62,11 +63,11 @@ def to_hf(ckpt, out, dtype="bfloat16", shard_size=5 * 10 ** 9, overwrite=False):
             return make
 
         entries = []  # (hf name, shape, dtype, make) in transformers' order
-        for ours, (hf_name, transpose) in model.HF_NAMES.items():
+        for ours, (hf_name, transpose) in formats.HF_NAMES.items():
             shape = f.get_slice(ours).get_shape()
             entries.append((hf_name, shape[::-1] if transpose else shape, target, reader(ours, None, transpose)))
         for i in range(config.layers):
-            for ours, (hf_name, transpose) in model.HF_LAYER_NAMES.items():
+            for ours, (hf_name, transpose) in formats.HF_LAYER_NAMES.items():
                 shape = f.get_slice(f"layers.{ours}").get_shape()[1:]
                 entries.append((f"model.layers.{i}.{hf_name}", shape[::-1] if transpose else shape,
                                 target, reader(f"layers.{ours}", i, transpose)))
@@ -80,9 +81,9 @@ def to_hf(ckpt, out, dtype="bfloat16", shard_size=5 * 10 ** 9, overwrite=False):
             size += nbytes
         names = (["model.safetensors"] if len(shards) == 1 else
                  [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
-        with model.atomic_dir(out, overwrite) as tmp:
+        with formats.atomic_dir(out, overwrite) as tmp:
             for name, shard in zip(names, shards):
-                model.write_safetensors(os.path.join(tmp, name), shard, metadata={"format": "pt"})
+                formats.write_safetensors(os.path.join(tmp, name), shard, metadata={"format": "pt"})
             if len(shards) > 1:
                 index = {"metadata": {"total_size": int(sum(np.prod(e[1]) * target.itemsize for e in entries))},
                          "weight_map": {e[0]: name for name, shard in zip(names, shards) for e in shard}}
@@ -96,18 +97,18 @@ def to_hf(ckpt, out, dtype="bfloat16", shard_size=5 * 10 ** 9, overwrite=False):
 def from_hf(folder, out, overwrite=False):
     """HF LlamaForCausalLM folder (single or sharded safetensors, any float dtype) -> our
     checkpoint, keeping the stored dtype. Each stacked tensor is read and written on its own."""
-    model.check_separate(folder, out)
-    if not model.is_hf_folder(folder) and os.path.isfile(os.path.join(folder, "params.safetensors")):
+    formats.check_separate(folder, out)
+    if not formats.is_hf_folder(folder) and os.path.isfile(os.path.join(folder, "params.safetensors")):
         raise ValueError(f"{folder}: a model.py checkpoint already; to-hf converts it to a Hugging Face folder")
-    config, entries = model.hf_tensors(folder)
-    with model.atomic_dir(out, overwrite) as tmp:
-        model.write_checkpoint_files(tmp, config, entries)
-        model.write_checksums(tmp)
+    config, entries = formats.hf_tensors(folder)
+    with formats.atomic_dir(out, overwrite) as tmp:
+        formats.write_checkpoint_files(tmp, config, entries)
+        formats.write_checksums(tmp)
     return config
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=model.HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formats.HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     to = commands.add_parser("to-hf", help="model.py checkpoint -> Hugging Face Llama folder")
     to.add_argument("ckpt")

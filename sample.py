@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
+import formats
 import model
 import vqgan
 
@@ -30,7 +31,7 @@ class Sampling:
     temperature: float = 1.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
-    codes: int = 8192  # ids the VQGAN can decode; the special ids >= 8192 are never sampled
+    codes: int = model.IMAGE_CODES  # ids the VQGAN can decode; the special ids past them are never sampled
 
 
 def filter_logits(logits, sampling):
@@ -86,18 +87,17 @@ def generate(params, config, prompt, new_images, candidates, context_images, sam
 
 def load_model(path, dtype, context_images, codes):
     """A checkpoint, a Hugging Face folder, or a train.py run folder (its newest checkpoint)."""
-    newest = model.newest_checkpoint(path)
+    newest = formats.newest_checkpoint(path)
     if newest != path:
         print(f"using the newest checkpoint of the run: {newest}")
-    config, params = model.load_checkpoint(newest)
+    config, params = formats.load_checkpoint(newest)
     if config.vocab < codes:
         raise ValueError(f"{path}: vocab {config.vocab} cannot hold the VQGAN's {codes} codes")
     if context_images * vqgan.TOKENS_PER_IMAGE > config.max_seq:
         raise ValueError(f"{path}: --context {context_images} images needs {context_images * vqgan.TOKENS_PER_IMAGE} "
                          f"positions, the model has {config.max_seq}")
     config = dataclasses.replace(config, dtype=dtype)
-    params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32 if dtype == "float32" else x.dtype), params)
-    return config, model.unstack_layers(params)
+    return config, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32 if dtype == "float32" else x.dtype), params)
 
 
 def resolve(base, path):
@@ -122,60 +122,103 @@ def read_jobs(path, keys):
                 raise ValueError(f"{path}:{number}: {' and '.join(lists)} must each be a non-empty list of image paths")
             if "output" in keys and not isinstance(job["output"], str):
                 raise ValueError(f"{path}:{number}: output must be an image path")
-            jobs.append((number, job))
+            base = os.path.dirname(os.path.abspath(path))
+            jobs.append((number, {k: resolve(base, job[k]) if k == "output" else [resolve(base, p) for p in job[k]]
+                                  for k in keys}))
     return jobs
 
 
-def perplexity(params, config, vq, jobs_file, context_images):
-    """Mean over lines of exp(mean NLL of the target tokens given everything before them)."""
-    base = os.path.dirname(os.path.abspath(jobs_file))
-    prefill = jax.jit(model.prefill, static_argnums=(2, 3))
-    results = []
-    for number, job in tqdm(read_jobs(jobs_file, ("input", "target")), unit="line", desc="perplexity"):
+def prompt_tokens(paths, vq_params, vq_config, context_images):
+    """Image files -> int32 (images, 256), keeping the last context - 1 images (one is drawn)."""
+    images = np.stack([vqgan.load_image(path) for path in paths])
+    if len(images) > context_images - 1:
+        print(f"{len(images)} prompt images but the context holds {context_images}: keeping the last {context_images - 1}")
+        images = images[-(context_images - 1):]
+    return images, vqgan.encode(vq_params, vq_config, images)
+
+
+def timed_generate(params, config, prompt, new_images, candidates, args, sampling, key):
+    start = time.perf_counter()
+    tokens = generate(params, config, prompt, new_images, candidates, args.context, sampling, key)
+    seconds = time.perf_counter() - start
+    print(f"{tokens.size} tokens in {seconds:.2f}s: {tokens.size / seconds:.1f} tokens/s, "
+          f"{seconds / tokens.shape[1]:.2f} s per image (first call includes compilation)")
+    return tokens
+
+
+def draw_from_folder(args, params, config, vq_params, vq_config, sampling):
+    """--prompt DIR: draw --new_images images, --candidates times; each image and a grid to --out."""
+    paths = vqgan.list_images(args.prompt)
+    if not paths:
+        raise ValueError(f"{args.prompt}: no images (.jpg, .png, ...) in this folder")
+    images, prompt = prompt_tokens(paths, vq_params, vq_config, args.context)
+    tokens = timed_generate(params, config, prompt, args.new_images, args.candidates, args, sampling,
+                            jax.random.key(args.seed))  # (candidates, new_images, 256)
+    drawn = vqgan.decode(vq_params, vq_config, tokens.reshape(-1, vqgan.TOKENS_PER_IMAGE)).reshape(
+        *tokens.shape[:2], vqgan.IMAGE_SIZE, vqgan.IMAGE_SIZE, 3)
+    os.makedirs(args.out, exist_ok=True)
+    for c, row in enumerate(drawn):
+        for k, image in enumerate(row):
+            vqgan.save_image(os.path.join(args.out, f"candidate{c}_image{k}.png"), image)
+    vqgan.save_image(os.path.join(args.out, "grid.png"), vqgan.image_grid([list(images)] + [list(r) for r in drawn]))
+    print(f"wrote {drawn.shape[0] * drawn.shape[1]} images and grid.png to {args.out}")
+
+
+def draw_batch(args, params, config, vq_params, vq_config, sampling):
+    """--batch FILE: one image per line {input, output}; a line whose images do not load is skipped."""
+    key = jax.random.key(args.seed)
+    for number, job in read_jobs(args.batch, ("input", "output")):
         try:
-            images = [vqgan.load_image(resolve(base, p)) for p in job["input"] + job["target"]]
+            _, prompt = prompt_tokens(job["input"], vq_params, vq_config, args.context)
+        except ValueError as e:
+            print(f"skipping line {number}: {e}")
+            continue
+        tokens = timed_generate(params, config, prompt, 1, 1, args, sampling, key)
+        os.makedirs(os.path.dirname(job["output"]), exist_ok=True)
+        vqgan.save_image(job["output"], vqgan.decode(vq_params, vq_config, tokens[0])[0])
+        print(f"line {number}: wrote {job['output']}")
+
+
+def perplexity(args, params, config, vq_params, vq_config):
+    """--perplexity FILE: mean over lines of exp(mean NLL of the target tokens given everything
+    before them), through the training forward pass."""
+    forward = jax.jit(model.forward, static_argnums=2)
+    results = []
+    for number, job in tqdm(read_jobs(args.perplexity, ("input", "target")), unit="line", desc="perplexity"):
+        try:
+            images = [vqgan.load_image(p) for p in job["input"] + job["target"]]
         except ValueError as e:
             tqdm.write(f"skipping line {number}: {e}")
             continue
-        if len(images) > context_images:
-            tqdm.write(f"skipping line {number}: {len(images)} images exceed the context of {context_images}")
+        if len(images) > args.context:
+            tqdm.write(f"skipping line {number}: {len(images)} images exceed the context of {args.context}")
             continue
-        tokens = vqgan.encode(*vq, np.stack(images)).reshape(-1)
-        logits = prefill(params, jnp.asarray(tokens[None, :-1]), config, len(tokens) - 1)[0][0]
+        tokens = vqgan.encode(vq_params, vq_config, np.stack(images)).reshape(-1)
+        logits = forward(params, jnp.asarray(tokens[None, :-1]), config)[0]
         nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), jnp.asarray(tokens[1:, None]), axis=-1)[:, 0]
         start = len(job["input"]) * vqgan.TOKENS_PER_IMAGE - 1  # predictions of the first target token onwards
         results.append(float(jnp.exp(jnp.mean(nll[start:]))))
         tqdm.write(f"line {number}: perplexity {results[-1]:.3f}")
     if not results:
-        raise ValueError(f"{jobs_file}: no line could be evaluated")
+        raise ValueError(f"{args.perplexity}: no line could be evaluated")
     print(f"mean perplexity over {len(results)} lines: {np.mean(results):.4f}")
     return float(np.mean(results))
 
 
-def grid(rows):
-    """rows: lists of (256, 256, 3) images -> one image, rows padded with white."""
-    width = max(len(r) for r in rows)
-    canvas = np.ones((len(rows) * 256, width * 256, 3), np.float32)
-    for i, row in enumerate(rows):
-        for j, image in enumerate(row):
-            canvas[i * 256:(i + 1) * 256, j * 256:(j + 1) * 256] = image
-    return canvas
-
-
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=model.HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=formats.HelpFormatter)
     p.add_argument("--prompt", help="folder of prompt images")
     p.add_argument("--ckpt", required=True, help="model checkpoint or Hugging Face Llama folder")
     p.add_argument("--vqgan", required=True, help="VQGAN checkpoint folder")
     p.add_argument("--out", default="samples")
-    count = model.bounded(int, 1)
+    count = formats.bounded(int, 1)
     p.add_argument("--new_images", type=count, default=1)
     p.add_argument("--candidates", type=count, default=1)
-    p.add_argument("--temperature", type=model.bounded(float, 0.0), default=1.0, help="0 = greedy")
-    p.add_argument("--top_p", type=model.bounded(float, 1e-6, 1.0), default=1.0, help="1 = off")
-    p.add_argument("--top_k", type=model.bounded(int, 0, 8192), default=0, help="0 = off")
+    p.add_argument("--temperature", type=formats.bounded(float, 0.0), default=1.0, help="0 = greedy")
+    p.add_argument("--top_p", type=formats.bounded(float, 1e-6, 1.0), default=1.0, help="1 = off")
+    p.add_argument("--top_k", type=formats.bounded(int, 0, model.IMAGE_CODES), default=0, help="0 = off")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--context", type=model.bounded(int, 2), default=16, help="images the model sees at once")
+    p.add_argument("--context", type=formats.bounded(int, 2), default=16, help="images the model sees at once")
     p.add_argument("--dtype", choices=["float32", "bfloat16"],
                    default="float32" if jax.default_backend() == "cpu" else "bfloat16")
     p.add_argument("--perplexity", help="jsonl of {input, target} image lists: report perplexity")
@@ -184,53 +227,14 @@ def main(argv=None):
     if sum(bool(x) for x in (args.prompt, args.perplexity, args.batch)) != 1:
         p.error("give exactly one of --prompt, --perplexity, --batch")
     try:
-        vq = vqgan.load_vqgan(args.vqgan)
-        codes = min(vq[1].num_embeddings, 8192)
+        vq_params, vq_config = vqgan.load_vqgan(args.vqgan)
+        codes = min(vq_config.num_embeddings, model.IMAGE_CODES)
         config, params = load_model(args.ckpt, args.dtype, args.context, codes)
-        sampling = Sampling(args.temperature, args.top_k, args.top_p, codes)
         if args.perplexity:
-            return perplexity(params, config, vq, args.perplexity, args.context)
-        if args.batch:
-            base = os.path.dirname(os.path.abspath(args.batch))
-            jobs = [(n, [resolve(base, x) for x in job["input"]], resolve(base, job["output"]))
-                    for n, job in read_jobs(args.batch, ("input", "output"))]
-        else:
-            paths = vqgan.list_images(args.prompt)
-            if not paths:
-                raise ValueError(f"{args.prompt}: no images (.jpg, .png, ...) in this folder")
-            jobs = [(None, paths, None)]
-        key = jax.random.key(args.seed)
-        for number, paths, output in jobs:
-            try:
-                images = np.stack([vqgan.load_image(path) for path in paths])
-            except ValueError as e:
-                if number is None:
-                    raise
-                print(f"skipping line {number}: {e}")
-                continue
-            if len(images) > args.context - 1:
-                print(f"{len(images)} prompt images but the context holds {args.context}: "
-                      f"keeping the last {args.context - 1}")
-                images = images[-(args.context - 1):]
-            prompt = vqgan.encode(*vq, images)
-            start = time.perf_counter()
-            tokens = generate(params, config, prompt, 1 if output else args.new_images,
-                              1 if output else args.candidates, args.context, sampling, key)
-            seconds = time.perf_counter() - start
-            drawn = vqgan.decode(*vq, tokens.reshape(-1, vqgan.TOKENS_PER_IMAGE)).reshape(*tokens.shape[:2], 256, 256, 3)
-            print(f"{tokens.size} tokens in {seconds:.2f}s: {tokens.size / seconds:.1f} tokens/s, "
-                  f"{seconds / tokens.shape[1]:.2f} s per image (first call includes compilation)")
-            if output:
-                os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-                vqgan.save_image(output, drawn[0, 0])
-                print(f"line {number}: wrote {output}")
-                continue
-            os.makedirs(args.out, exist_ok=True)
-            for c, row in enumerate(drawn):
-                for k, image in enumerate(row):
-                    vqgan.save_image(os.path.join(args.out, f"candidate{c}_image{k}.png"), image)
-            vqgan.save_image(os.path.join(args.out, "grid.png"), grid([list(images)] + [list(r) for r in drawn]))
-            print(f"wrote {drawn.shape[0] * drawn.shape[1]} images and grid.png to {args.out}")
+            return perplexity(args, params, config, vq_params, vq_config)
+        draw = draw_batch if args.batch else draw_from_folder
+        draw(args, model.unstack_layers(params), config, vq_params, vq_config,
+             Sampling(args.temperature, args.top_k, args.top_p, codes))
     except (ValueError, OSError) as e:
         p.exit(1, f"error: {e}\n")
 

@@ -18,10 +18,8 @@ Each batch of images is split over every local device (raise --batch_size with t
 `mix` merges the parts.
 """
 import argparse
-import base64
 import collections
 import concurrent.futures
-import json
 import os
 import time
 import zlib
@@ -29,7 +27,7 @@ import zlib
 import numpy as np
 from tqdm import tqdm
 
-import model
+import formats
 import vqgan
 
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
@@ -61,7 +59,7 @@ def mask_image(image, rng):
     return image
 
 
-def job_rng(seed, name):
+def image_rng(seed, name):
     """The random stream of one image: from its name, so outputs do not depend on worker timing or
     on which --shard the image fell in."""
     return np.random.default_rng([seed, zlib.crc32(name.encode())])
@@ -74,31 +72,31 @@ def my_share(units, args):
 
 
 # ---------------------------------------------------------------------------------------------
-# Jobs: one image to encode = (name, load function, transform). A sentence is a list of job ids.
+# Inputs: each kind lists every image once, as a Source to load (and maybe transform), and how the
+# images group: clips of frames, (input, output) pairs, or classes, as indices into that list.
 
-Job = collections.namedtuple("Job", "name load transform")
+Source = collections.namedtuple("Source", "name load transform")
 
 
-def image_job(path, transform=None):
-    return Job(path, lambda: vqgan.load_image(path), transform)
+def image_source(path, transform=None):
+    return Source(path, lambda: vqgan.load_image(path), transform)
 
 
 def video_frames(path, stride):
-    """Frames of a video file as jobs (needs PyAV); every decoded frame is kept in memory as uint8."""
+    """Frames of a video file as sources (needs PyAV); every decoded frame is kept in memory as uint8."""
     try:
         import av
     except ImportError:
         raise ValueError(f"{path}: reading video files needs PyAV (pip install av); "
                          f"or extract the frames into a folder") from None
-    from PIL import Image
     with av.open(path) as container:
         pixels = [np.asarray(f.to_image().convert("RGB").resize((256, 256)), np.uint8)
                   for i, f in enumerate(container.decode(video=0)) if i % stride == 0]
-    return [Job(f"{path}#{i * stride}", lambda p=p: p.astype(np.float32) / 255, None) for i, p in enumerate(pixels)]
+    return [Source(f"{path}#{i * stride}", lambda p=p: p.astype(np.float32) / 255, None) for i, p in enumerate(pixels)]
 
 
-def sequence_jobs(args):
-    """Clips: subfolders of frames, a folder of frames, or video files -> windows of --frames."""
+def list_clips(args):
+    """Subfolders of frames, a folder of frames, or video files -> (sources, clips of frame indices)."""
     entries = []
     for root in args.input:
         if os.path.isfile(root) or vqgan.list_images(root):  # a video file or one folder of frames
@@ -106,38 +104,22 @@ def sequence_jobs(args):
         else:  # a folder of clips
             entries += sorted((os.path.join(root, d) for d in os.listdir(root)), key=vqgan.natural_key)
     entries = [e for e in entries if os.path.isdir(e) or os.path.splitext(e)[1].lower() in VIDEO_EXTENSIONS]
-    jobs, clips = [], []
+    sources, clips = [], []
     for entry in my_share(entries, args):
-        frames = ([image_job(p) for p in vqgan.list_images(entry)][::args.stride] if os.path.isdir(entry)
+        frames = ([image_source(p) for p in vqgan.list_images(entry)][::args.stride] if os.path.isdir(entry)
                   else video_frames(entry, args.stride))
         if len(frames) < args.frames:
             raise ValueError(f"{entry}: {len(frames)} frames at stride {args.stride}, "
                              f"a sentence needs {args.frames}")
-        clips.append(list(range(len(jobs), len(jobs) + len(frames))))
-        jobs += frames
+        clips.append(list(range(len(sources), len(sources) + len(frames))))
+        sources += frames
     if not clips:
         raise ValueError(f"{' '.join(args.input)}: no clips (folders of frames or video files) found")
-
-    def compose(valid, rng):
-        sentences = []
-        for clip in clips:
-            frames = [j for j in clip if valid[j]]
-            sentences += [frames[s:s + args.frames] for s in range(0, len(frames) - args.frames + 1, args.frames)]
-        return sentences
-
-    return jobs, compose
+    return sources, clips
 
 
-def pair_sentences(pairs, shots):
-    """compose() for lists of (input job, output job): random permutations, `shots` pairs each."""
-    def compose(valid, rng):
-        usable = [p for p in pairs if all(valid[j] for j in p)]
-        order = rng.permutation(len(usable))
-        return [[j for k in order[s:s + shots] for j in usable[k]] for s in range(0, len(order) - shots + 1, shots)]
-    return compose
-
-
-def pairs_jobs(args):
+def list_pairs(args):
+    """--input images and --targets annotations matched by file stem -> (sources, pairs)."""
     if not args.targets:
         raise ValueError("pairs needs --targets FOLDER (annotations matched to --input by file stem)")
     inputs = {os.path.splitext(os.path.basename(p))[0]: p for p in vqgan.list_images(args.input[0])}
@@ -147,81 +129,109 @@ def pairs_jobs(args):
         raise ValueError(f"{args.input[0]} has {len(inputs)} images, {args.targets} has {len(targets)}; "
                          f"unmatched stems: {only_in[0]} / {only_in[1]}")
     stems = my_share(sorted(inputs, key=vqgan.natural_key), args)
-    jobs = [job for stem in stems for job in (image_job(inputs[stem]), image_job(targets[stem]))]
-    return jobs, pair_sentences([(i, i + 1) for i in range(0, len(jobs), 2)], args.shots)
+    sources = [s for stem in stems for s in (image_source(inputs[stem]), image_source(targets[stem]))]
+    return sources, [(i, i + 1) for i in range(0, len(sources), 2)]
 
 
-def transformed_pairs_jobs(args, transform):
-    """[transform(x), x] pairs from plain images (colorization, inpainting)."""
+def list_transformed_pairs(args):
+    """Plain images -> (sources, [transform(x), x] pairs): gray for colorization, a mask for inpainting."""
+    transform = {"colorization": "gray", "inpainting": "mask"}[args.kind]
     paths = my_share([p for folder in args.input for p in vqgan.list_images(folder)], args)
-    jobs = [job for p in paths for job in (image_job(p, transform), image_job(p))]
-    return jobs, pair_sentences([(i, i + 1) for i in range(0, len(jobs), 2)], args.shots)
+    sources = [s for p in paths for s in (image_source(p, transform), image_source(p))]
+    return sources, [(i, i + 1) for i in range(0, len(sources), 2)]
 
 
-def category_jobs(args):
-    """One subfolder per class; a sentence is --shots classes x --images_per_shot images each."""
+def list_classes(args):
+    """One subfolder per class -> (sources, classes of image indices)."""
     root = args.input[0]
-    classes, jobs = [], []
+    sources, classes = [], []
     for name in sorted(os.listdir(root), key=vqgan.natural_key):
         paths = my_share(vqgan.list_images(os.path.join(root, name)), args) if os.path.isdir(os.path.join(root, name)) else []
         if len(paths) >= args.images_per_shot:
-            classes.append(list(range(len(jobs), len(jobs) + len(paths))))
-            jobs += [image_job(p) for p in paths]
+            classes.append(list(range(len(sources), len(sources) + len(paths))))
+            sources += [image_source(p) for p in paths]
     if len(classes) < args.shots:
         raise ValueError(f"{root}: {len(classes)} class folders with >= {args.images_per_shot} images, "
                          f"a sentence needs {args.shots}")
+    return sources, classes
 
-    def compose(valid, rng):
-        groups = []  # every class cut into groups of images_per_shot, shuffled
-        for c, members in enumerate(classes):
-            members = [j for j in members if valid[j]]
-            members = [members[k] for k in rng.permutation(len(members))]
-            groups += [(c, members[s:s + args.images_per_shot])
-                       for s in range(0, len(members) - args.images_per_shot + 1, args.images_per_shot)]
-        order = [groups[k] for k in rng.permutation(len(groups))]
-        sentences, current = [], []
-        for c, group in order:  # distinct classes within a sentence
-            if any(c == other for other, _ in current):
-                continue
-            current.append((c, group))
-            if len(current) == args.shots:
-                sentences.append([j for _, g in current for j in g])
-                current = []
-        return sentences
 
-    return jobs, compose
+# ---------------------------------------------------------------------------------------------
+# Sentences: lists of image indices, composed from the readable images of each group.
+
+
+def clip_sentences(clips, readable, frames):
+    """Consecutive windows of `frames` readable frames of each clip."""
+    sentences = []
+    for clip in clips:
+        usable = [i for i in clip if readable[i]]
+        sentences += [usable[s:s + frames] for s in range(0, len(usable) - frames + 1, frames)]
+    return sentences
+
+
+def pair_sentences(pairs, readable, shots, rng):
+    """A random permutation of the readable pairs, `shots` pairs per sentence: x1, y1, x2, y2, ..."""
+    usable = [p for p in pairs if all(readable[i] for i in p)]
+    order = rng.permutation(len(usable))
+    return [[i for k in order[s:s + shots] for i in usable[k]] for s in range(0, len(order) - shots + 1, shots)]
+
+
+def class_sentences(classes, readable, images_per_shot, shots, rng):
+    """`shots` distinct classes per sentence, `images_per_shot` images of each, side by side."""
+    groups = []  # every class cut into groups of images_per_shot, shuffled
+    for c, members in enumerate(classes):
+        members = [i for i in members if readable[i]]
+        members = [members[k] for k in rng.permutation(len(members))]
+        groups += [(c, members[s:s + images_per_shot]) for s in range(0, len(members) - images_per_shot + 1, images_per_shot)]
+    sentences, current = [], []
+    for c, group in (groups[k] for k in rng.permutation(len(groups))):
+        if any(c == other for other, _ in current):
+            continue
+        current.append((c, group))
+        if len(current) == shots:
+            sentences.append([i for _, g in current for i in g])
+            current = []
+    return sentences
+
+
+def compose(args, groups, readable, rng):
+    if args.kind == "sequence":
+        return clip_sentences(groups, readable, args.frames)
+    if args.kind == "category":
+        return class_sentences(groups, readable, args.images_per_shot, args.shots, rng)
+    return pair_sentences(groups, readable, args.shots, rng)
 
 
 # ---------------------------------------------------------------------------------------------
 # Encoding: a bounded window of image loads runs on a thread pool while the VQGAN encodes.
 
 
-def load_job(job, seed):
+def load_source(source, seed):
     try:
-        image = job.load()
+        image = source.load()
     except ValueError:
         return None
-    if job.transform == "gray":
+    if source.transform == "gray":
         return gray(image)
-    if job.transform == "mask":
-        return mask_image(image, job_rng(seed, job.name))
+    if source.transform == "mask":
+        return mask_image(image, image_rng(seed, source.name))
     return image
 
 
-def encode_jobs(jobs, params, config, tokens_file, args):
-    """-> (memmap (jobs, 256) int32, valid flags). Unreadable images are flagged, not fatal."""
-    tokens = np.lib.format.open_memmap(tokens_file, mode="w+", dtype=np.int32, shape=(len(jobs), vqgan.TOKENS_PER_IMAGE))
-    valid = np.zeros(len(jobs), bool)
+def encode_images(sources, params, config, tokens_file, args):
+    """-> (memmap (images, 256) int32, readable flags). Unreadable images are flagged, not fatal."""
+    tokens = np.lib.format.open_memmap(tokens_file, mode="w+", dtype=np.int32, shape=(len(sources), vqgan.TOKENS_PER_IMAGE))
+    readable = np.zeros(len(sources), bool)
     window = collections.deque()
     start, load_seconds = time.perf_counter(), 0.0
     with concurrent.futures.ThreadPoolExecutor(args.workers) as pool, \
-            tqdm(total=len(jobs), unit="img", desc="encoding") as bar:
+            tqdm(total=len(sources), unit="img", desc="encoding") as bar:
         submitted = 0
-        for first in range(0, len(jobs), args.batch_size):
-            while submitted < min(len(jobs), first + 4 * args.batch_size):  # keep loads ahead of the model
-                window.append(pool.submit(load_job, jobs[submitted], args.seed))
+        for first in range(0, len(sources), args.batch_size):
+            while submitted < min(len(sources), first + 4 * args.batch_size):  # keep loads ahead of the model
+                window.append(pool.submit(load_source, sources[submitted], args.seed))
                 submitted += 1
-            ids = range(first, min(first + args.batch_size, len(jobs)))
+            ids = range(first, min(first + args.batch_size, len(sources)))
             waited = time.perf_counter()
             images = [window.popleft().result() for _ in ids]
             load_seconds += time.perf_counter() - waited
@@ -229,58 +239,49 @@ def encode_jobs(jobs, params, config, tokens_file, args):
             if ok:
                 batch = np.stack([image for image in images if image is not None])
                 tokens[ok] = vqgan.encode(params, config, batch, args.batch_size)
-                valid[ok] = True
+                readable[ok] = True
             bar.update(len(ids))
             bar.set_postfix(images_per_s=f"{(first + len(ids)) / (time.perf_counter() - start):.2f}",
                             waiting_for_images=f"{load_seconds / (time.perf_counter() - start):.0%}")
     tokens.flush()
-    return tokens, valid
+    return tokens, readable
 
 
-def encode_line(tokens):
-    return json.dumps({"tokens": base64.b64encode(np.asarray(tokens, "<i4").tobytes()).decode()}) + "\n"
+def read_sentence(line):
+    """A jsonl line -> its tokens, (images, 256); ValueError unless it holds whole images."""
+    tokens = formats.decode_line(line)
+    if tokens.size % vqgan.TOKENS_PER_IMAGE:
+        raise ValueError(f"{tokens.size} tokens, not a multiple of {vqgan.TOKENS_PER_IMAGE} (whole images)")
+    return tokens.reshape(-1, vqgan.TOKENS_PER_IMAGE)
 
 
-def decode_line(line):
-    """-> int32 tokens of a jsonl line; ValueError saying what is wrong with it."""
-    try:
-        tokens = np.frombuffer(base64.b64decode(json.loads(line)["tokens"], validate=True), "<i4")
-    except Exception as e:  # not json, no "tokens", not base64, ...
-        raise ValueError(f'not a visual sentence ({{"tokens": base64 of int32}}): {type(e).__name__}: {e}') from None
-    if tokens.size == 0 or tokens.size % vqgan.TOKENS_PER_IMAGE:
-        raise ValueError(f"{tokens.size} tokens, not a positive multiple of {vqgan.TOKENS_PER_IMAGE}")
-    return tokens
-
-
-def write_atomically(path, lines):
-    """Write lines to path.tmp and rename when complete: an interrupted run leaves no partial file."""
-    tmp = f"{path}.tmp"
-    try:
-        count = 0
-        with open(tmp, "w") as f:
-            for line in lines:
-                f.write(line)
-                count += 1
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+def write_lines(path, lines):
+    """-> the number of lines written to path, all of them or (interrupted) none."""
+    count = 0
+    with formats.atomic_file(path) as f:
+        for line in lines:
+            f.write(line)
+            count += 1
     return count
 
 
+LISTERS = {"sequence": list_clips, "pairs": list_pairs, "colorization": list_transformed_pairs,
+           "inpainting": list_transformed_pairs, "category": list_classes}
+
+
 def make_sentences(args):
-    builders = {"sequence": sequence_jobs, "pairs": pairs_jobs, "category": category_jobs,
-                "colorization": lambda a: transformed_pairs_jobs(a, "gray"),
-                "inpainting": lambda a: transformed_pairs_jobs(a, "mask")}
-    jobs, compose = builders[args.kind](args)
-    if not jobs:
+    """Images -> tokens (each image encoded once) -> sentences (the tokens of their images, one after
+    another) for --epochs seeded compositions -> the jsonl, shuffled."""
+    sources, groups = LISTERS[args.kind](args)
+    if not sources:
         raise ValueError(f"{' '.join(args.input)}: no images found")
     params, config = vqgan.load_vqgan(args.vqgan)
     tokens_file = f"{args.output}.tokens.tmp.npy"
     try:
-        tokens, valid = encode_jobs(jobs, params, config, tokens_file, args)
-        bad = list(dict.fromkeys(job.name for job, ok in zip(jobs, valid) if not ok))  # unique, in order
-        sentences = [s for epoch in range(args.epochs) for s in compose(valid, np.random.default_rng([args.seed, epoch]))]
+        tokens, readable = encode_images(sources, params, config, tokens_file, args)
+        bad = list(dict.fromkeys(s.name for s, ok in zip(sources, readable) if not ok))  # unique, in order
+        sentences = [s for epoch in range(args.epochs)
+                     for s in compose(args, groups, readable, np.random.default_rng([args.seed, epoch]))]
         if not sentences:
             if args.kind == "sequence":
                 needs = f"{args.frames} readable frames of one clip (--frames)"
@@ -289,9 +290,9 @@ def make_sentences(args):
             else:
                 needs = f"{args.shots} readable pairs (--shots)"
             raise ValueError(f"{' '.join(args.input)}: not enough readable images for one sentence "
-                             f"({valid.sum()} of {len(jobs)} readable); a sentence needs {needs}")
+                             f"({readable.sum()} of {len(sources)} readable); a sentence needs {needs}")
         order = np.random.default_rng([args.seed, args.epochs]).permutation(len(sentences))
-        count = write_atomically(args.output, (encode_line(tokens[sentences[k]].ravel()) for k in order))
+        count = write_lines(args.output, (formats.encode_line(tokens[sentences[k]].ravel()) for k in order))
     finally:
         if os.path.exists(tokens_file):
             os.remove(tokens_file)
@@ -310,7 +311,7 @@ def mix(args):
             for line in tqdm(handle, unit="line", desc=f"checking {os.path.basename(path)}"):
                 if line.strip():
                     try:
-                        decode_line(line)
+                        read_sentence(line)
                         index.append((f, offset, len(line)))
                     except ValueError:
                         malformed[path] += 1
@@ -328,7 +329,7 @@ def mix(args):
             yield handles[f].read(length).decode().rstrip("\n") + "\n"
 
     try:
-        count = write_atomically(args.output, lines())
+        count = write_lines(args.output, lines())
     finally:
         for handle in handles:
             handle.close()
@@ -345,25 +346,20 @@ def show(args):
         else:
             raise ValueError(f"{args.input[0]}: has no line {args.line}")
     try:
-        tokens = decode_line(line)
+        tokens = read_sentence(line)
     except ValueError as e:
         raise ValueError(f"{args.input[0]}: line {args.line}: {e}") from None
     params, config = vqgan.load_vqgan(args.vqgan)
-    images = vqgan.decode(params, config, tokens.reshape(-1, vqgan.TOKENS_PER_IMAGE))
-    columns = min(args.columns, len(images))
-    rows = -(-len(images) // columns)
-    grid = np.ones((rows * 256, columns * 256, 3), np.float32)
-    for k, image in enumerate(images):
-        grid[k // columns * 256:(k // columns + 1) * 256, k % columns * 256:(k % columns + 1) * 256] = image
-    vqgan.save_image(args.output, grid)
+    images = vqgan.decode(params, config, tokens)
+    vqgan.save_image(args.output, vqgan.image_grid([images[i:i + args.columns] for i in range(0, len(images), args.columns)]))
     print(f"line {args.line}: {len(images)} images -> {args.output}")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=model.HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=formats.HelpFormatter)
     modes = p.add_subparsers(dest="kind", required=True, metavar="MODE",
                              help="sequence, pairs, colorization, inpainting, category, mix or show; MODE --help for its flags")
-    count = model.bounded(int, 1)
+    count = formats.bounded(int, 1)
 
     def shard(text):
         try:
@@ -375,7 +371,7 @@ def parse_args(argv=None):
         return index, total
 
     def mode(name, help, inputs, output):
-        sub = modes.add_parser(name, help=help, description=help, formatter_class=model.HelpFormatter)
+        sub = modes.add_parser(name, help=help, description=help, formatter_class=formats.HelpFormatter)
         sub.add_argument("--input", required=True, **inputs)
         sub.add_argument("--output", required=True, help=output)
         return sub
@@ -412,7 +408,7 @@ def parse_args(argv=None):
     sub.add_argument("--seed", type=int, default=0)
     sub = mode("show", "decode one line back to images, as a grid PNG", {"nargs": 1, "metavar": "JSONL"}, "PNG file to write")
     sub.add_argument("--vqgan", required=True, help="VQGAN checkpoint folder")
-    sub.add_argument("--line", type=model.bounded(int, 0), default=0, help="which line (from 0)")
+    sub.add_argument("--line", type=formats.bounded(int, 0), default=0, help="which line (from 0)")
     sub.add_argument("--columns", type=count, default=8, help="images per grid row")
     args = p.parse_args(argv)
     suffix = ".png" if args.kind == "show" else ".jsonl"

@@ -12,7 +12,6 @@ Running the same command again resumes from the newest checkpoint in --out, data
 A step is one optimizer update over accum x batch_size sequences of seq_len tokens.
 """
 import argparse
-import base64
 import contextlib
 import dataclasses
 import json
@@ -30,6 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from safetensors import safe_open
 from tqdm import tqdm
 
+import formats
 import model
 
 # bf16 dense peak TFLOP/s per device, for MFU when --peak_tflops is not given
@@ -38,23 +38,23 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0, "TP
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=model.HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=formats.HelpFormatter)
     p.add_argument("--size", choices=model.CONFIGS, help="model size (required unless --init gives it)")
     p.add_argument("--init", help="start from these weights (optimizer and schedule fresh at step 0): a model.py "
                                   "checkpoint, a train.py run folder (its newest checkpoint) or a Hugging Face Llama folder")
     p.add_argument("--data", help="training jsonl of visual sentences")
     p.add_argument("--out", help="run folder: checkpoints and metrics.jsonl")
-    count = model.bounded(int, 1)
+    count = formats.bounded(int, 1)
     p.add_argument("--steps", type=count, default=400_000, help="optimizer steps")
     p.add_argument("--batch_size", type=count, default=32, help="sequences per micro-batch")
     p.add_argument("--accum", type=count, default=4, help="micro-batches per optimizer step")
     p.add_argument("--seq_len", type=count, default=4096)
-    p.add_argument("--lr", type=model.bounded(float, 0.0), default=1.5e-4)
-    p.add_argument("--end_lr", type=model.bounded(float, 0.0), default=3e-5)
-    p.add_argument("--warmup", type=model.bounded(int, 0), default=8000)
+    p.add_argument("--lr", type=formats.bounded(float, 0.0), default=1.5e-4)
+    p.add_argument("--end_lr", type=formats.bounded(float, 0.0), default=3e-5)
+    p.add_argument("--warmup", type=formats.bounded(int, 0), default=8000)
     p.add_argument("--decay_steps", type=count, default=288_000, help="warmup + cosine decay length")
-    p.add_argument("--weight_decay", type=model.bounded(float, 0.0), default=0.1)
-    p.add_argument("--clip", type=model.bounded(float, 0.0), default=1.0,
+    p.add_argument("--weight_decay", type=formats.bounded(float, 0.0), default=0.1)
+    p.add_argument("--clip", type=formats.bounded(float, 0.0), default=1.0,
                    help="gradient clipping at this global norm; 0 = no clipping")
     p.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor sizes; -1 takes the rest")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype")
@@ -68,11 +68,11 @@ def parse_args(argv=None):
     p.add_argument("--keep", type=count, default=3, help="checkpoints kept")
     p.add_argument("--log_every", type=count, default=10)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--peak_tflops", type=model.bounded(float, 1e-6), help="per-device peak for MFU (known GPUs/TPUs need none)")
+    p.add_argument("--peak_tflops", type=formats.bounded(float, 1e-6), help="per-device peak for MFU (known GPUs/TPUs need none)")
     p.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() (auto on SLURM)")
     p.add_argument("--coordinator", help="host:port of process 0, for --distributed without SLURM/TPU")
-    p.add_argument("--num_processes", type=model.bounded(int, 1))
-    p.add_argument("--process_id", type=model.bounded(int, 0))
+    p.add_argument("--num_processes", type=formats.bounded(int, 1))
+    p.add_argument("--process_id", type=formats.bounded(int, 0))
     p.add_argument("--compile_only", action="store_true",
                    help="compile one step on abstract inputs, print per-device memory, exit")
     args = p.parse_args(argv)
@@ -87,17 +87,6 @@ def parse_args(argv=None):
 # Data: lines {"tokens": base64 of little-endian int32}, concatenated into one stream and cut into
 # chunks of batch x seq tokens (targets = the stream shifted by one), as the original trainer does.
 # The position is (byte offset of a line, tokens of it already used): exact resumes.
-
-
-def decode_line(line, vocab):
-    """-> int32 tokens, or None for a malformed line (bad json/base64, ids outside the vocab)."""
-    try:
-        tokens = np.frombuffer(base64.b64decode(json.loads(line)["tokens"], validate=True), "<i4")
-    except Exception:  # whatever the line holds (100,000 nested brackets raise RecursionError)
-        return None
-    if tokens.size == 0 or tokens.min() < 0 or tokens.max() >= vocab:
-        return None
-    return tokens.astype(np.int32)
 
 
 BAD_START = 20  # this many malformed lines before any valid one: not a file of visual sentences
@@ -132,10 +121,11 @@ class TokenStream:
             self.wrapped = True
             self.file.seek(0)
             return
-        tokens = decode_line(line, self.vocab)
-        if tokens is None:
+        try:
+            tokens = formats.decode_line(line, self.vocab)
+        except ValueError as e:
             self.bad_lines += 1
-            warning = f"{self.path}: skipping malformed line at byte {offset} ({self.bad_lines} so far)"
+            warning = f"{self.path}: skipping malformed line at byte {offset} ({e}; {self.bad_lines} so far)"
             if self.found_valid:
                 self.on_bad_line(warning)
             elif len(self.held) < BAD_START - 1:
@@ -143,12 +133,12 @@ class TokenStream:
             else:
                 raise ValueError(f'{self.path}: the first {BAD_START} lines are not visual sentences '
                                  f'({{"tokens": base64 of int32}} per line, as tokenize_data.py writes)')
-        else:
-            if not self.found_valid:
-                for warning in self.held:
-                    self.on_bad_line(warning)
-            self.found_valid = True
-            self.pending.append((offset, tokens))
+            return
+        if not self.found_valid:
+            for warning in self.held:
+                self.on_bad_line(warning)
+        self.found_valid = True
+        self.pending.append((offset, tokens))
 
     def next_batch(self):
         """-> (inputs, targets) int32 (rows, seq_len); consumes rows x seq_len tokens."""
@@ -245,18 +235,18 @@ RECIPE = ("data", "batch_size", "accum", "seq_len", "lr", "end_lr", "warmup", "d
 
 
 def save(out, step, config, params, opt_state, data_position, keep, recipe):
-    host_params = jax.tree.map(model.to_host, params)  # collective: every process takes part
-    host_opt = {str(i): model.to_host(x) for i, x in enumerate(jax.tree.leaves(opt_state))}
+    host_params = jax.tree.map(formats.to_host, params)  # collective: every process takes part
+    host_opt = {str(i): formats.to_host(x) for i, x in enumerate(jax.tree.leaves(opt_state))}
     if jax.process_index() != 0:
         return
-    with model.atomic_dir(os.path.join(out, f"step_{step:08d}"), overwrite=True) as tmp:
-        model.write_checkpoint_files(tmp, config, model.tensor_entries(host_params))
-        model.write_safetensors(os.path.join(tmp, "opt_state.safetensors"), model.tensor_entries(host_opt))
-        model.write_checksums(tmp)
+    with formats.atomic_dir(os.path.join(out, f"step_{step:08d}"), overwrite=True) as tmp:
+        formats.write_checkpoint_files(tmp, config, formats.tensor_entries(host_params))
+        formats.write_safetensors(os.path.join(tmp, "opt_state.safetensors"), formats.tensor_entries(host_opt))
+        formats.write_checksums(tmp)
         with open(os.path.join(tmp, "train_state.json"), "w") as f:
             json.dump({"step": step, "data_offset": int(data_position[0]), "data_skip": int(data_position[1]),
                        "recipe": recipe}, f)
-    for old in model.run_checkpoints(out)[:-keep]:
+    for old in formats.run_checkpoints(out)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     tqdm.write(f"saved {os.path.join(out, f'step_{step:08d}')}")
 
@@ -269,12 +259,12 @@ def differences(config, other):
 def restore(path, config, optimizer, mesh):
     """-> (params, opt_state, step, data position, recipe flags), read tensor by tensor into their
     shards; a ValueError if the checkpoint is damaged."""
-    saved_config = model.read_config(path)
+    saved_config = formats.read_config(path)
     mismatch = differences(saved_config, config)
     if mismatch:
         raise SystemExit(f"error: {path} holds another model than the one asked for ({mismatch}); "
                          f"use another --out, or the run's own --size / --init")
-    _, params = model.load_sharded(path, mesh)  # checks every tensor against the config, and the checksums
+    _, params = formats.load_sharded(path, mesh)  # checks every tensor against the config, and the checksums
     opt_shapes = jax.eval_shape(optimizer.init, params)
     opt_file = os.path.join(path, "opt_state.safetensors")
     try:
@@ -289,7 +279,7 @@ def restore(path, config, optimizer, mesh):
     leaves = jax.tree.leaves(opt_shapes)
     if stored != {str(i): leaf.shape for i, leaf in enumerate(leaves)}:
         raise ValueError(f"{path}: opt_state.safetensors does not match the model")
-    opt_leaves = [jax.make_array_from_callback(leaf.shape, sharding, partial(model.read_slice, opt_file, str(i)))
+    opt_leaves = [jax.make_array_from_callback(leaf.shape, sharding, partial(formats.read_slice, opt_file, str(i)))
                   for i, (leaf, sharding) in enumerate(zip(leaves, jax.tree.leaves(state_shardings(config, optimizer, mesh)[1])))]
     return params, jax.tree.unflatten(jax.tree.structure(opt_shapes), opt_leaves), step, position, info.get("recipe", {})
 
@@ -297,7 +287,7 @@ def restore(path, config, optimizer, mesh):
 def resume(out, config, optimizer, mesh):
     """The newest checkpoint that loads (None for a new run); a damaged one is named and the
     previous one tried."""
-    found = model.run_checkpoints(out)
+    found = formats.run_checkpoints(out)
     for path in reversed(found):
         try:
             restored = restore(path, config, optimizer, mesh)
@@ -323,9 +313,8 @@ def trim_metrics(out, step):
                     kept.append(line)
             except Exception:
                 continue
-    with open(f"{path}.tmp", "w") as f:
+    with formats.atomic_file(path) as f:
         f.writelines(kept)
-    os.replace(f"{path}.tmp", path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,9 +395,9 @@ def model_config(args):
         return dataclasses.replace(model.CONFIGS[args.size], dtype=args.dtype), None
     if not os.path.isdir(args.init):
         raise SystemExit(f"error: --init {args.init}: no such folder")
-    init = model.newest_checkpoint(args.init)
+    init = formats.newest_checkpoint(args.init)
     try:
-        config = dataclasses.replace(model.checkpoint_config(init), dtype=args.dtype)
+        config = dataclasses.replace(formats.checkpoint_config(init), dtype=args.dtype)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: --init: {e} (expected a model.py checkpoint, a train.py run folder or a "
                          f"Hugging Face Llama folder)")
@@ -462,7 +451,7 @@ def main(argv=None):
         if init:
             log(f"starting from the weights of {init}")
             try:
-                _, params = model.load_sharded(init, mesh)
+                _, params = formats.load_sharded(init, mesh)
             except ValueError as e:
                 raise SystemExit(f"error: --init: {e}")
         else:
@@ -510,7 +499,7 @@ def main(argv=None):
             if not math.isfinite(loss + grad_norm):  # checked before any save, so checkpoints stay good
                 bar.close()
                 raise SystemExit(f"error: loss is {loss}, gradient norm {grad_norm} at step {step}; stopping. The last good "
-                                 f"checkpoint is {(model.run_checkpoints(args.out) or ['(none)'])[-1]}")
+                                 f"checkpoint is {(formats.run_checkpoints(args.out) or ['(none)'])[-1]}")
             if logging:
                 now = time.perf_counter()
                 seconds = (now - last_time) / (step - last_step)

@@ -30,7 +30,7 @@ import optax
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-import model  # noqa: E402  (the repo's shared libraries)
+import formats  # noqa: E402  (the repo's shared libraries)
 import vqgan  # noqa: E402
 
 
@@ -103,7 +103,7 @@ def carrier_init(config, params):
     for name, w in params.items():
         if not name.endswith(".weight") or w.ndim != 4:
             continue
-        base, (kh, kw, cin, cout) = name[:-len(".weight")], w.shape
+        base, (cin, cout) = name[:-len(".weight")], w.shape[2:]
         new, bias = np.zeros(w.shape, np.float32), np.zeros(cout, np.float32)
         if base.endswith((".conv2", ".proj_out")):  # residual branches start closed: identity blocks
             pass
@@ -203,25 +203,25 @@ def save(folder, config, params):
 
     entries = [(name, torch_layout(a).shape, np.float32, lambda a=a: torch_layout(a)) for name, a in sorted(params.items())]
     fields = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(config).items()}
-    with model.atomic_dir(folder) as tmp:
-        model.write_safetensors(os.path.join(tmp, "model.safetensors"), entries, metadata={"format": "pt"})
+    with formats.atomic_dir(folder) as tmp:
+        formats.write_safetensors(os.path.join(tmp, "model.safetensors"), entries, metadata={"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(fields, f, indent=2)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=model.HelpFormatter)
-    count = model.bounded(int, 1)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=formats.HelpFormatter)
+    count = formats.bounded(int, 1)
     p.add_argument("--data", required=True, help="folder searched recursively for images")
     p.add_argument("--out", required=True, help="VQGAN folder to write")
     p.add_argument("--steps", type=count, default=50)
-    p.add_argument("--ae_steps", type=model.bounded(int, 0), default=0, help="first steps without quantization")
+    p.add_argument("--ae_steps", type=formats.bounded(int, 0), default=0, help="first steps without quantization")
     p.add_argument("--batch_size", type=count, default=4)
     p.add_argument("--crop", type=int, default=256, help="training crop side, a multiple of 16")
-    p.add_argument("--lr", type=model.bounded(float, 1e-12), default=2e-5, help="peak learning rate")
-    p.add_argument("--branch_lr", type=model.bounded(float, 1e-12), default=2e-5,
+    p.add_argument("--lr", type=formats.bounded(float, 1e-12), default=2e-5, help="peak learning rate")
+    p.add_argument("--branch_lr", type=formats.bounded(float, 1e-12), default=2e-5,
                    help="peak learning rate of the residual branches and the codebook")
-    p.add_argument("--beta", type=model.bounded(float, 0.0), default=0.25, help="commitment cost")
+    p.add_argument("--beta", type=formats.bounded(float, 0.0), default=0.25, help="commitment cost")
     p.add_argument("--restart_every", type=count, default=100, help="steps between dead-code restarts")
     p.add_argument("--hidden", type=count, default=16, help="channels at full resolution")
     p.add_argument("--channel_mult", default="1,2,2,4,4")
