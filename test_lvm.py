@@ -717,40 +717,58 @@ def test_sequence_sentences_are_frames_in_natural_order(tmp_path, tiny_vqgan):
                             "--vqgan", tiny_vqgan[0], "--frames", "16"])
 
 
-def test_pairs_colorization_inpainting_category_tokens(tmp_path, tiny_vqgan):
+def six_photos(tmp_path):
+    """Six photos and a target for each -> (inputs folder, targets folder, {name: image}, {name: target})."""
     photos = {f"img{i}.jpg": PHOTOS[i % 4] for i in range(6)}
     inputs = photo_folder(tmp_path, photos)
     targets = photo_folder(tmp_path, {name: PHOTOS[(i + 1) % 4] for i, name in enumerate(photos)}, "targets")
-    loaded = {name: vqgan.load_image(os.path.join(inputs, name)) for name in photos}
-    target_loaded = {name: vqgan.load_image(os.path.join(targets, name)) for name in photos}
-    by_tokens = lambda images: {tuple(t) for t in reference_tokens(tiny_vqgan, images)}
-    common = ["--vqgan", tiny_vqgan[0], "--shots", "2"]
+    return (inputs, targets, {name: vqgan.load_image(os.path.join(inputs, name)) for name in photos},
+            {name: vqgan.load_image(os.path.join(targets, name)) for name in photos})
 
-    tokenize_data.main(["pairs", "--input", inputs, "--targets", targets, "--output", str(tmp_path / "p.jsonl"), *common])
+
+def test_pairs_sentences_hold_each_input_before_its_target(tmp_path, tiny_vqgan):
+    inputs, targets, loaded, target_loaded = six_photos(tmp_path)
+    tokenize_data.main(["pairs", "--input", inputs, "--targets", targets, "--output", str(tmp_path / "p.jsonl"),
+                        "--vqgan", tiny_vqgan[0], "--shots", "2"])
     sentences = read_sentences(tmp_path / "p.jsonl")
     assert len(sentences) == 3 and all(s.shape == (4, 256) for s in sentences)
-    pairs = {tuple(x): tuple(y) for name in photos
+    pairs = {tuple(x): tuple(y) for name in loaded
              for x, y in [reference_tokens(tiny_vqgan, [loaded[name], target_loaded[name]])]}
     for s in sentences:
         for x, y in (s[0:2], s[2:4]):
             assert pairs[tuple(x)] == tuple(y)
 
-    tokenize_data.main(["colorization", "--input", inputs, "--output", str(tmp_path / "c.jsonl"), *common])
+
+def test_colorization_sentences_hold_the_luma_before_each_image(tmp_path, tiny_vqgan):
+    inputs, _, loaded, _ = six_photos(tmp_path)
+    tokenize_data.main(["colorization", "--input", inputs, "--output", str(tmp_path / "c.jsonl"),
+                        "--vqgan", tiny_vqgan[0], "--shots", "2"])
     luma = {name: np.repeat((0.2989 * im[..., 0] + 0.5870 * im[..., 1] + 0.1140 * im[..., 2])[..., None], 3, -1)
             for name, im in loaded.items()}
-    color_pairs = {tuple(g): tuple(x) for name in photos
+    color_pairs = {tuple(g): tuple(x) for name in loaded
                    for g, x in [reference_tokens(tiny_vqgan, [luma[name], loaded[name]])]}
-    for s in read_sentences(tmp_path / "c.jsonl"):
+    sentences = read_sentences(tmp_path / "c.jsonl")
+    assert len(sentences) == 3
+    for s in sentences:
         for g, x in (s[0:2], s[2:4]):
             assert color_pairs[tuple(g)] == tuple(x)
 
-    tokenize_data.main(["inpainting", "--input", inputs, "--output", str(tmp_path / "i.jsonl"), *common])
-    names = sorted(photos, key=vqgan.natural_key)
+
+def test_inpainting_sentences_hold_the_masked_image_before_each_image(tmp_path, tiny_vqgan):
+    inputs, _, loaded, _ = six_photos(tmp_path)
+    tokenize_data.main(["inpainting", "--input", inputs, "--output", str(tmp_path / "i.jsonl"),
+                        "--vqgan", tiny_vqgan[0], "--shots", "2"])
+    names = sorted(loaded, key=vqgan.natural_key)
     masked = {tuple(t) for t in reference_tokens(tiny_vqgan, [
         tokenize_data.mask_image(loaded[n], tokenize_data.image_rng(0, os.path.join(inputs, n))) for n in names])}
-    for s in read_sentences(tmp_path / "i.jsonl"):
-        assert {tuple(s[0]), tuple(s[2])} <= masked and {tuple(s[1]), tuple(s[3])} <= by_tokens(list(loaded.values()))
+    originals = {tuple(t) for t in reference_tokens(tiny_vqgan, list(loaded.values()))}
+    sentences = read_sentences(tmp_path / "i.jsonl")
+    assert len(sentences) == 3
+    for s in sentences:
+        assert {tuple(s[0]), tuple(s[2])} <= masked and {tuple(s[1]), tuple(s[3])} <= originals
 
+
+def test_category_sentences_hold_images_of_distinct_classes_side_by_side(tmp_path, tiny_vqgan):
     classes = tmp_path / "classes"
     for c in range(3):
         (classes / f"c{c}").mkdir(parents=True)
@@ -759,7 +777,9 @@ def test_pairs_colorization_inpainting_category_tokens(tmp_path, tiny_vqgan):
     tokenize_data.main(["category", "--input", str(classes), "--output", str(tmp_path / "k.jsonl"),
                         "--vqgan", tiny_vqgan[0], "--shots", "2", "--images_per_shot", "2"])
     class_tokens = [tuple(t) for t in reference_tokens(tiny_vqgan, [vqgan.load_image(PHOTOS[c]) for c in range(3)])]
-    for s in read_sentences(tmp_path / "k.jsonl"):
+    sentences = read_sentences(tmp_path / "k.jsonl")
+    assert sentences
+    for s in sentences:
         rows = [class_tokens.index(tuple(t)) for t in s]
         assert len(rows) == 4 and rows[0] == rows[1] and rows[2] == rows[3] and rows[0] != rows[2]
 
@@ -835,14 +855,16 @@ def test_mask_image_follows_both_styles():
     assert 30 <= squares <= 90 and patches >= 110  # p = 0.3 for the square hole
 
 
-def test_same_seed_same_bytes_bad_files_and_atomic_output(tmp_path, tiny_vqgan, capsys):
-    photos = {f"img{i}.jpg": PHOTOS[i % 4] for i in range(8)}
-    inputs = photo_folder(tmp_path, photos)
+def colorize(tmp_path, tiny_vqgan, inputs, out, seed):
+    tokenize_data.main(["colorization", "--input", inputs, "--output", str(tmp_path / out), "--vqgan", tiny_vqgan[0],
+                        "--shots", "2", "--epochs", "2", "--seed", str(seed)])
+
+
+def test_same_seed_gives_the_same_bytes_and_unreadable_images_are_skipped(tmp_path, tiny_vqgan, capsys):
+    inputs = photo_folder(tmp_path, {f"img{i}.jpg": PHOTOS[i % 4] for i in range(8)})
     (tmp_path / "photos" / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    run = lambda out, seed: tokenize_data.main(["colorization", "--input", inputs, "--output", str(tmp_path / out),
-                                               "--vqgan", tiny_vqgan[0], "--shots", "2", "--epochs", "2",
-                                               "--seed", str(seed)])
-    run("a.jsonl", 0), run("b.jsonl", 0), run("c.jsonl", 1)
+    for out, seed in [("a.jsonl", 0), ("b.jsonl", 0), ("c.jsonl", 1)]:
+        colorize(tmp_path, tiny_vqgan, inputs, out, seed)
     printed = capsys.readouterr().out
     assert "skipped 1 unreadable images" in printed and "broken.jpg" in printed
     a, b, c = ((tmp_path / f).read_bytes() for f in ("a.jsonl", "b.jsonl", "c.jsonl"))
@@ -850,17 +872,17 @@ def test_same_seed_same_bytes_bad_files_and_atomic_output(tmp_path, tiny_vqgan, 
     assert len(a.splitlines()) == 8  # 8 readable images, 2 per sentence, 2 epochs
     assert sorted(os.listdir(tmp_path)) == ["a.jsonl", "b.jsonl", "c.jsonl", "photos"]  # no temporaries
 
+
+def test_interrupted_tokenize_leaves_no_output(tmp_path, tiny_vqgan, monkeypatch):
+    inputs = photo_folder(tmp_path, {f"img{i}.jpg": PHOTOS[i % 4] for i in range(4)})
+
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    original = formats.encode_line
-    formats.encode_line = interrupted
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            run("d.jsonl", 0)
-    finally:
-        formats.encode_line = original
-    assert not any(name.startswith("d.jsonl") for name in os.listdir(tmp_path))
+    monkeypatch.setattr(formats, "encode_line", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        colorize(tmp_path, tiny_vqgan, inputs, "d.jsonl", 0)
+    assert sorted(os.listdir(tmp_path)) == ["photos"]
 
 
 def test_tokenize_bad_inputs_give_clear_errors(tmp_path, tiny_vqgan, capsys, monkeypatch):
@@ -1084,7 +1106,8 @@ def test_resume_falls_back_from_a_damaged_checkpoint(tmp_path, capsys):
     jax.tree.map(np.testing.assert_array_equal, whole, run)  # resumed from step 4, exactly
 
 
-def test_token_stream_packs_skips_bad_lines_and_resumes_exactly(tmp_path):
+def stream_file(tmp_path):
+    """Five good lines of 7 tokens with three malformed lines after the second -> (path, good lines)."""
     good = [np.arange(i * 10, i * 10 + 7) for i in range(5)]
     path = write_jsonl(tmp_path / "data.jsonl", good[:2])
     with open(path, "a") as f:
@@ -1094,23 +1117,44 @@ def test_token_stream_packs_skips_bad_lines_and_resumes_exactly(tmp_path):
     with open(path, "a") as f:
         for tokens in good[2:]:
             f.write(json.dumps({"tokens": base64.b64encode(tokens.astype("<i4").tobytes()).decode()}) + "\n")
-    warnings = []
-    stream = train.TokenStream(path, rows=2, seq_len=4, vocab=8292, on_bad_line=warnings.append)
+    return path, good
+
+
+def test_token_stream_packs_lines_into_rows_and_wraps_around(tmp_path):
+    path, good = stream_file(tmp_path)
+    stream = train.TokenStream(path, rows=2, seq_len=4, vocab=8292, on_bad_line=lambda warning: None)
     expected = np.concatenate(good * 3)
     inputs, targets = stream.next_batch()
     np.testing.assert_array_equal(inputs.ravel(), expected[:8])
     np.testing.assert_array_equal(targets.ravel(), expected[1:9])
     continued = [stream.next_batch() for _ in range(5)]  # wraps around the 35 tokens
     np.testing.assert_array_equal(np.concatenate([b[0].ravel() for b in continued]), expected[8:48])
-    assert stream.bad_lines == 3 and len(warnings) == 3 and "byte" in warnings[0]
+
+
+def test_token_stream_skips_malformed_lines_with_a_warning(tmp_path):
+    path, _ = stream_file(tmp_path)
+    warnings = []
     stream = train.TokenStream(path, rows=2, seq_len=4, vocab=8292, on_bad_line=warnings.append)
+    for _ in range(3):
+        stream.next_batch()
+    assert stream.bad_lines == 3 and len(warnings) == 3 and all("data.jsonl: skipping malformed line at byte" in w
+                                                                for w in warnings)
+    assert "outside the vocabulary [0, 8292)" in warnings[2]
+
+
+def test_token_stream_resumes_at_its_position(tmp_path):
+    path, _ = stream_file(tmp_path)
+    stream = train.TokenStream(path, rows=2, seq_len=4, vocab=8292, on_bad_line=lambda warning: None)
     for _ in range(3):
         stream.next_batch()
     resumed = train.TokenStream(path, rows=2, seq_len=4, vocab=8292, position=stream.position)
     np.testing.assert_array_equal(resumed.next_batch()[0], stream.next_batch()[0])
+
+
+def test_token_stream_without_a_valid_line_is_refused(tmp_path):
     (tmp_path / "bad.jsonl").write_text("nothing useful\n")
     with pytest.raises(ValueError, match="no valid line"):
-        train.TokenStream(str(tmp_path / "bad.jsonl"), 2, 4, 8292, on_bad_line=warnings.append).next_batch()
+        train.TokenStream(str(tmp_path / "bad.jsonl"), 2, 4, 8292, on_bad_line=lambda warning: None).next_batch()
 
 
 def test_deeply_nested_line_is_skipped_not_fatal(tmp_path):
