@@ -1708,6 +1708,8 @@ def test_objects_move_at_constant_velocity_and_bounce_off_the_borders():
         scene = world.random_scene(rng)
         starts = [(o["centre"].copy(), o["velocity"].copy(), o["size"]) for o in scene["objects"]]
         assert all(np.abs(v).max() >= world.MIN_SPEED for _, v, _ in starts)
+        for p0, v, size in starts:  # on the token grid: whole tokens in size, place and step
+            assert size % world.GRID == 0 and not np.any((p0 - size / 2) % world.GRID) and not np.any(v % world.GRID)
         for t in range(1, 31):
             world.step(scene)
             for obj, (p0, v, size) in zip(scene["objects"], starts):

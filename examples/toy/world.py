@@ -5,8 +5,8 @@
     python examples/toy/world.py score   DIR
 
 render writes training data in the folder layouts tokenize_data.py reads: DIR/clips/clip_K/ (one
-folder of frames per clip, every object moving at its own constant velocity of at least 16 px per
-frame, bouncing off the borders) and DIR/TASK/x/ + DIR/TASK/y/ (analogy pairs matched by file stem).
+folder of frames per clip, every object moving at its own constant velocity of one or two tokens (16 px)
+per frame, bouncing off the borders) and DIR/TASK/x/ + DIR/TASK/y/ (analogy pairs matched by file stem).
 Three tasks (flip, recolour, segment) take the same kind of query, a plain scene, so only the
 example pairs say which one is asked. prompts writes held-out prompts with their true answers and
 DIR/jobs.jsonl for `sample.py --batch`; score compares the model's answers with the truth and with
@@ -28,22 +28,26 @@ BACKGROUNDS = np.array([[90, 90, 100], [150, 140, 120], [70, 100, 80], [120, 90,
 SEGMENT_COLOURS = np.array([[255, 255, 255], [255, 0, 255], [255, 255, 0]], np.float32) / 255  # per shape kind
 RECOLOUR = np.roll(np.arange(len(COLOURS)), -1)  # colour k becomes colour k + 1
 TASKS = ("flip", "recolour", "segment", "inpaint")
+GRID = 16  # px per VQGAN token: objects sit on the token grid and move whole tokens per frame
 MIN_SPEED = 16  # px per frame along the faster axis: copying the last frame is clearly wrong
 
 
 def random_scene(rng):
-    """A scene description: background and 1-3 objects {shape, colour, size, centre, velocity}."""
+    """A scene description: background and 1-3 objects {shape, colour, size, centre, velocity}.
+    Sizes, corners and velocities are whole tokens, so the next frame's tokens are this frame's
+    shifted: off the grid every object's tokens change from frame to frame, which a model of the
+    toy's size does not learn in minutes."""
     background = {"colours": rng.choice(len(BACKGROUNDS), 2, replace=False),
                   "gradient": rng.choice(["none", "horizontal", "vertical"])}
     objects = []
     for _ in range(rng.integers(1, 4)):
-        size = int(rng.integers(32, 65))
-        velocity = rng.integers(-24, 25, 2)
+        size = GRID * int(rng.integers(2, 5))  # 32, 48 or 64 px
+        velocity = GRID * rng.integers(-2, 3, 2)
         while np.abs(velocity).max() < MIN_SPEED:
-            velocity = rng.integers(-24, 25, 2)
+            velocity = GRID * rng.integers(-2, 3, 2)
+        corner = GRID * rng.integers(0, (SIZE - size) // GRID + 1, 2)
         objects.append({"shape": int(rng.integers(len(SHAPES))), "colour": int(rng.integers(len(COLOURS))),
-                        "size": size, "centre": rng.uniform(size / 2, SIZE - size / 2, 2),
-                        "velocity": velocity.astype(float)})
+                        "size": size, "centre": corner + size / 2, "velocity": velocity.astype(float)})
     return {"background": background, "objects": objects}
 
 
