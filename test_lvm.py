@@ -726,17 +726,21 @@ def six_photos(tmp_path):
             {name: vqgan.load_image(os.path.join(targets, name)) for name in photos})
 
 
+def assert_sentences_pair_up(tiny_vqgan, path, inputs, outputs):
+    """Each of the 3 sentences holds 2 pairs: some image's tokens of inputs[name], then of outputs[name]."""
+    pairs = {tuple(x): tuple(y) for x, y in (reference_tokens(tiny_vqgan, [inputs[n], outputs[n]]) for n in inputs)}
+    sentences = read_sentences(path)
+    assert len(sentences) == 3 and all(s.shape == (4, 256) for s in sentences)
+    for s in sentences:
+        for x, y in (s[0:2], s[2:4]):
+            assert pairs[tuple(x)] == tuple(y)
+
+
 def test_pairs_sentences_hold_each_input_before_its_target(tmp_path, tiny_vqgan):
     inputs, targets, loaded, target_loaded = six_photos(tmp_path)
     tokenize_data.main(["pairs", "--input", inputs, "--targets", targets, "--output", str(tmp_path / "p.jsonl"),
                         "--vqgan", tiny_vqgan[0], "--shots", "2"])
-    sentences = read_sentences(tmp_path / "p.jsonl")
-    assert len(sentences) == 3 and all(s.shape == (4, 256) for s in sentences)
-    pairs = {tuple(x): tuple(y) for name in loaded
-             for x, y in [reference_tokens(tiny_vqgan, [loaded[name], target_loaded[name]])]}
-    for s in sentences:
-        for x, y in (s[0:2], s[2:4]):
-            assert pairs[tuple(x)] == tuple(y)
+    assert_sentences_pair_up(tiny_vqgan, tmp_path / "p.jsonl", loaded, target_loaded)
 
 
 def test_colorization_sentences_hold_the_luma_before_each_image(tmp_path, tiny_vqgan):
@@ -745,13 +749,7 @@ def test_colorization_sentences_hold_the_luma_before_each_image(tmp_path, tiny_v
                         "--vqgan", tiny_vqgan[0], "--shots", "2"])
     luma = {name: np.repeat((0.2989 * im[..., 0] + 0.5870 * im[..., 1] + 0.1140 * im[..., 2])[..., None], 3, -1)
             for name, im in loaded.items()}
-    color_pairs = {tuple(g): tuple(x) for name in loaded
-                   for g, x in [reference_tokens(tiny_vqgan, [luma[name], loaded[name]])]}
-    sentences = read_sentences(tmp_path / "c.jsonl")
-    assert len(sentences) == 3
-    for s in sentences:
-        for g, x in (s[0:2], s[2:4]):
-            assert color_pairs[tuple(g)] == tuple(x)
+    assert_sentences_pair_up(tiny_vqgan, tmp_path / "c.jsonl", luma, loaded)
 
 
 def test_inpainting_sentences_hold_the_masked_image_before_each_image(tmp_path, tiny_vqgan):
