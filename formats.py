@@ -40,7 +40,6 @@ TOOL_FILES = re.compile(r"config\.json|checksums\.json|(params|opt_state)\.safet
                         r"|model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
 
 
-
 def check_output_dir(path, overwrite=False):
     """Refuse an output folder that exists and is not empty, unless --overwrite, and even then one
     that holds anything this project's tools do not write: a folder the user owns is never replaced."""
@@ -59,13 +58,11 @@ def check_output_dir(path, overwrite=False):
         raise ValueError(f"{path}: holds {foreign[:3]}, which this tool did not write; refusing to replace it")
 
 
-
 def check_separate(source, output):
     """Refuse an output that is its input, or lies inside it, or contains it."""
     a, b = os.path.realpath(source), os.path.realpath(output)
     if a == b or b.startswith(a + os.sep) or a.startswith(b + os.sep):
         raise ValueError(f"{output}: the output must not be the input {source}, lie inside it or contain it")
-
 
 
 def replace_dir(tmp, path):
@@ -76,7 +73,6 @@ def replace_dir(tmp, path):
         os.rename(path, old)
     os.rename(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
-
 
 
 @contextlib.contextmanager
@@ -93,7 +89,6 @@ def atomic_dir(path, overwrite=False):
     replace_dir(tmp, path)
 
 
-
 @contextlib.contextmanager
 def atomic_file(path, mode="w"):
     """Yield a file to write under a temporary name; it takes the place of `path` only once written
@@ -108,7 +103,6 @@ def atomic_file(path, mode="w"):
             os.remove(tmp)
 
 
-
 def file_sha256(path):
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -117,14 +111,12 @@ def file_sha256(path):
     return digest.hexdigest()
 
 
-
 def write_checksums(folder):
     """checksums.json: the sha256 of every .safetensors file of a checkpoint folder."""
     sums = {name: file_sha256(os.path.join(folder, name)) for name in sorted(os.listdir(folder))
             if name.endswith(".safetensors")}
     with open(os.path.join(folder, "checksums.json"), "w") as f:
         json.dump(sums, f, indent=2)
-
 
 
 def verify_checksums(folder):
@@ -141,7 +133,6 @@ def verify_checksums(folder):
         path = os.path.join(folder, os.path.basename(str(name)))
         if not os.path.isfile(path) or file_sha256(path) != expected:
             raise ValueError(f"{path}: damaged (its sha256 does not match checksums.json)")
-
 
 
 def read_json_object(path):
@@ -163,7 +154,6 @@ def read_json_object(path):
 
 def encode_line(tokens):
     return json.dumps({"tokens": base64.b64encode(np.asarray(tokens, "<i4").tobytes()).decode()}) + "\n"
-
 
 
 def decode_line(line, vocab=None):
@@ -191,7 +181,6 @@ SAFETENSORS_DTYPES = {np.dtype(np.float32): "F32", np.dtype(jnp.bfloat16): "BF16
 NUMPY_DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 
 
-
 def write_safetensors(path, entries, metadata=None):
     """Write a .safetensors file one tensor at a time. entries: (name, shape, dtype, make) with
     make() -> the array; only one tensor is in memory at once (safetensors' own save_file first
@@ -215,14 +204,12 @@ def write_safetensors(path, entries, metadata=None):
             f.write(array.reshape(-1).view(np.uint8).data)  # bytes view: numpy cannot export bf16
 
 
-
 def flatten(tree, prefix=""):
     for name, value in tree.items():
         if isinstance(value, dict):
             yield from flatten(value, f"{prefix}{name}.")
         else:
             yield f"{prefix}{name}", value
-
 
 
 def unflatten(flat):
@@ -237,7 +224,6 @@ def unflatten(flat):
     return tree
 
 
-
 def to_host(x):
     """A (possibly multi-host sharded) array as one numpy array."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
@@ -246,11 +232,9 @@ def to_host(x):
     return np.asarray(x)
 
 
-
 def tensor_entries(params):
     """A params tree as write_safetensors entries, each gathered to the host only when written."""
     return [(name, x.shape, x.dtype, partial(to_host, x)) for name, x in flatten(params)]
-
 
 
 def write_checkpoint_files(folder, config, entries):
@@ -259,12 +243,10 @@ def write_checkpoint_files(folder, config, entries):
         json.dump(dataclasses.asdict(config), f, indent=2)
 
 
-
 def save_checkpoint(path, config, params, overwrite=False):
     with atomic_dir(path, overwrite) as tmp:
         write_checkpoint_files(tmp, config, tensor_entries(params))
         write_checksums(tmp)
-
 
 
 def check_model_config(fields, where):
@@ -291,10 +273,8 @@ def check_model_config(fields, where):
     return model.Config(**fields)
 
 
-
 def model_shapes(config):
     return dict(flatten(model.param_table(config)))
-
 
 
 def read_config(path):
@@ -306,7 +286,6 @@ def read_config(path):
     return check_model_config(read_json_object(config_file), config_file)
 
 
-
 def check_shapes(path, config, shapes):
     """The config must describe exactly the tensors that are there ({name: shape}), no more, no fewer."""
     expected = {name: s.shape for name, s in model_shapes(config).items()}
@@ -316,14 +295,12 @@ def check_shapes(path, config, shapes):
                          f"file, the config implies {expected.get(wrong[0])}")
 
 
-
 def read_slice(file, name, index=None):
     """Part of one tensor of a safetensors file; the file is open only meanwhile, so the pages
     read do not stay mapped (host memory) after the call."""
     with safe_open(file, framework="numpy") as f:
         tensor = f.get_slice(name)  # explicit slices: `...` fails for bfloat16
         return tensor[tuple(index) if index is not None else (slice(None),) * len(tensor.get_shape())]
-
 
 
 def own_tensors(path):
@@ -340,7 +317,6 @@ def own_tensors(path):
                     for name, (shape, dtype) in stored.items()]
 
 
-
 def run_checkpoints(run):
     """A train.py run folder's complete checkpoints, oldest first (a .tmp folder is an interrupted
     write, and has no train_state.json)."""
@@ -350,12 +326,10 @@ def run_checkpoints(run):
     return sorted(p for p in found if os.path.isfile(os.path.join(p, "train_state.json")))
 
 
-
 def newest_checkpoint(path):
     """A checkpoint or Hugging Face folder as it is; a train.py run folder -> its newest checkpoint."""
     found = [] if os.path.isfile(os.path.join(path, "config.json")) else run_checkpoints(path)
     return found[-1] if found else str(path)
-
 
 
 def checkpoint_config(path):
@@ -366,7 +340,6 @@ def checkpoint_config(path):
         return config_from_hf(path, json.load(f))
 
 
-
 def checkpoint_tensors(path):
     """A model.py checkpoint or a Hugging Face LlamaForCausalLM folder (such as the released LVM 7B)
     -> (Config, [(our name, shape, stored dtype, read)]): read(index) returns that part of the
@@ -375,12 +348,10 @@ def checkpoint_tensors(path):
     return hf_tensors(path) if is_hf_folder(path) else own_tensors(path)
 
 
-
 def load_checkpoint(path):
     """-> (Config, params as numpy arrays in their stored dtype)."""
     config, entries = checkpoint_tensors(path)
     return config, unflatten({name: read() for name, _, _, read in entries})
-
 
 
 def load_sharded(path, mesh, dtype=np.float32):
@@ -417,14 +388,12 @@ HF_LAYER_NAMES = {  # inside model.layers.{i}
 }
 
 
-
 def is_hf_folder(path):
     try:
         with open(os.path.join(path, "config.json")) as f:
             return "model_type" in json.load(f)
     except (OSError, ValueError):
         return False
-
 
 
 def config_from_hf(folder, hf):
@@ -453,7 +422,6 @@ def config_from_hf(folder, hf):
     if hf.get("attention_bias") or hf.get("mlp_bias"):
         refuse("biases are not LVM's architecture")
     return config
-
 
 
 def hf_tensors(folder):
@@ -549,10 +517,8 @@ StorageRef = collections.namedtuple("StorageRef", "key dtype numel")
 TensorRef = collections.namedtuple("TensorRef", "storage offset size stride")
 
 
-
 def rebuild_tensor(storage, offset, size, stride, *unused):
     return TensorRef(storage, offset, size, stride)
-
 
 
 class StateDictUnpickler(pickle.Unpickler):
@@ -575,10 +541,8 @@ class StateDictUnpickler(pickle.Unpickler):
         return StorageRef(pid[2], np.dtype(TORCH_STORAGES[pid[1]]), pid[4])
 
 
-
 def is_index(value):
     return type(value) is int and value >= 0
-
 
 
 def elements_needed(name, ref):
@@ -596,7 +560,6 @@ def elements_needed(name, ref):
         raise ValueError(f"{name}: size {size}, stride {stride}, offset {offset} reach element {furthest} "
                          f"of a storage of {ref.storage.numel}")
     return furthest + 1
-
 
 
 def read_storage(archive, entry, storage, needed):
@@ -618,7 +581,6 @@ def read_storage(archive, entry, storage, needed):
     if len(data) != nbytes:
         raise ValueError(f"storage {storage.key}: {len(data)} bytes, expected {nbytes}")
     return np.frombuffer(data, storage.dtype)
-
 
 
 def read_torch_state_dict(path):
@@ -652,14 +614,12 @@ def read_torch_state_dict(path):
     return arrays
 
 
-
 def read_state_dict(path):
     """{name: numpy array} from a .safetensors file or a torch pytorch_model.bin (read without torch)."""
     try:
         return load_file(path) if path.endswith(".safetensors") else read_torch_state_dict(path)
     except (OSError, ValueError, SafetensorError, pickle.UnpicklingError, zipfile.BadZipFile, EOFError) as e:
         raise ValueError(f"{path}: unreadable checkpoint ({e})") from None
-
 
 
 def diffusers_to_muse(config_dict, state):
@@ -715,7 +675,6 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         if action.default in (None, False, argparse.SUPPRESS) or "%(default)" in (action.help or ""):
             return action.help
         return f"{action.help or ''} (default: %(default)s)"
-
 
 
 def bounded(kind, low, high=None):

@@ -57,7 +57,6 @@ def randomize_norms(params, seed=0):
     return params
 
 
-
 # ---------------------------------------------------------------------------------------------
 # model.py: the LLaMA against transformers, sharding, the KV cache
 
@@ -227,7 +226,6 @@ def test_bad_tokens_and_lengths_give_clear_errors():
         model.decode_step(params, np.zeros((1,), np.int32), cache, DEBUG)
     with pytest.raises(ValueError, match="mesh '3,-1,1' needs"):
         model.make_mesh("3,-1,1")
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,7 +436,6 @@ def test_zip_bomb_is_refused_before_it_is_decompressed(tmp_path):
     message, peak_kb = result.stdout.strip().splitlines()
     assert "refusing a zip bomb" in message and "tensors need 16" in message
     assert int(peak_kb) < 1024 * 1024  # the 1 GiB was never expanded
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -664,7 +661,6 @@ def test_load_image_conversions_and_errors(tmp_path):
         vqgan.load_image(tmp_path / "notes.txt")
     with pytest.raises(ValueError, match="images must be"):
         vqgan.encode({}, vqgan.VQConfig(), np.zeros((1, 128, 128, 3)))
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -946,7 +942,6 @@ def test_mix_drops_and_counts_malformed_lines(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "good.jsonl: dropped 3 malformed lines" in out and "wrote 3 lines" in out
     assert sorted(int(tokens[0, 0]) for tokens in read_sentences(tmp_path / "mixed.jsonl")) == [0, 1, 2]
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1316,7 +1311,6 @@ def test_init_mistakes_give_one_line(tmp_path):
         assert not (tmp_path / "run").exists()
 
 
-
 # ---------------------------------------------------------------------------------------------
 # sample.py: cached generation, sampling filters, perplexity, prompting a Hugging Face folder
 
@@ -1424,7 +1418,6 @@ def test_prompt_folder_mistakes_give_one_line(tmp_path, tiny_vqgan, capsys):
             sample.main([*common, *argv])
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1556,7 +1549,6 @@ def test_configs_must_agree_with_the_tensors(tmp_path, capsys):
                 formats.load_checkpoint(source)  # what sample.py --ckpt reads
 
 
-
 # ---------------------------------------------------------------------------------------------
 # Every command line: a mistake gets one line that says what is wrong, and leaves nothing behind
 
@@ -1660,7 +1652,6 @@ def test_mistakes_give_one_line_and_leave_nothing(mistakes_folder, tiny_vqgan, c
     assert tree_bytes(mistakes_folder) == before and listing() == names  # no output, no run folder, nothing changed
 
 
-
 # ---------------------------------------------------------------------------------------------
 # bench.py
 
@@ -1676,7 +1667,6 @@ def test_bench_without_the_test_requirements_says_what_to_install():
         else:
             assert result.returncode == 1 and "Traceback" not in result.stderr
             assert "pip install -r requirements-test.txt" in result.stderr.strip().splitlines()[-1]
-
 
 
 # ---------------------------------------------------------------------------------------------
