@@ -19,7 +19,7 @@ TASKS="flip recolour segment inpaint"
 if [ "${2:-}" = --smoke ]; then
   CLIPS=2 PAIRS=4 VQ_STEPS=4 VQ_AE=0 LVM_STEPS=2 PER_TASK=1 BATCH=1
 else
-  CLIPS=150 PAIRS=150 VQ_STEPS=50 VQ_AE=0 LVM_STEPS=1000 PER_TASK=10 BATCH=2
+  CLIPS=200 PAIRS=150 VQ_STEPS=25 VQ_AE=0 LVM_STEPS=1000 PER_TASK=10 BATCH=2
 fi
 started=$SECONDS
 stage() { echo; echo "== [$(( (SECONDS - started) / 60 ))m$(( (SECONDS - started) % 60 ))s] $*"; }
