@@ -62,9 +62,13 @@ def shape_mask(shape, size, centre):
     return (np.abs(dy) <= half) & (np.abs(dx) <= (dy + half) / 2)  # triangle, apex up
 
 
+def background(scene):
+    return np.tile(BACKGROUNDS[scene["background"]], (SIZE, SIZE, 1))
+
+
 def render(scene, colours=COLOURS):
     """float32 (SIZE, SIZE, 3) in [0, 1]; objects drawn in order, later ones in front."""
-    image = np.tile(BACKGROUNDS[scene["background"]], (SIZE, SIZE, 1))
+    image = background(scene)
     for obj in scene["objects"]:
         image[shape_mask(obj["shape"], obj["size"], obj["centre"])] = colours[obj["colour"]]
     return image
@@ -72,7 +76,7 @@ def render(scene, colours=COLOURS):
 
 def segment(scene):
     """Each object's silhouette in the fixed colour of its shape kind, over the scene's background."""
-    image = np.tile(BACKGROUNDS[scene["background"]], (SIZE, SIZE, 1))
+    image = background(scene)
     for obj in scene["objects"]:
         image[shape_mask(obj["shape"], obj["size"], obj["centre"])] = SEGMENT_COLOURS[obj["shape"]]
     return image
