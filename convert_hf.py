@@ -14,7 +14,6 @@ import re
 
 import jax.numpy as jnp
 import numpy as np
-from safetensors import safe_open
 
 import formats
 import model
@@ -50,47 +49,44 @@ def to_hf(ckpt, out, dtype="bfloat16", shard_size=5 * 10 ** 9, overwrite=False):
     formats.check_separate(ckpt, out)
     if formats.is_hf_folder(ckpt):
         raise ValueError(f"{ckpt}: a Hugging Face folder already; from-hf converts it to a model.py checkpoint")
-    config = formats.read_config(ckpt)
-    formats.verify_checksums(ckpt)
+    config, tensors = formats.own_tensors(ckpt)  # config.json, checksums, every tensor against the config
+    shapes, reads = {name: shape for name, shape, _, _ in tensors}, {name: read for name, _, _, read in tensors}
     target = np.dtype(DTYPES[dtype])
-    weights = os.path.join(ckpt, "params.safetensors")
-    with safe_open(weights, framework="numpy") as f:
-        formats.check_shapes(ckpt, config, {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()})
-        def reader(name, layer, transpose):
-            def make():
-                array = f.get_slice(name)[layer] if layer is not None else f.get_tensor(name)
-                return (array.T if transpose else array).astype(target)
-            return make
 
-        entries = []  # (hf name, shape, dtype, make) in transformers' order
-        for ours, (hf_name, transpose) in formats.HF_NAMES.items():
-            shape = f.get_slice(ours).get_shape()
-            entries.append((hf_name, shape[::-1] if transpose else shape, target, reader(ours, None, transpose)))
-        for i in range(config.layers):
-            for ours, (hf_name, transpose) in formats.HF_LAYER_NAMES.items():
-                shape = f.get_slice(f"layers.{ours}").get_shape()[1:]
-                entries.append((f"model.layers.{i}.{hf_name}", shape[::-1] if transpose else shape,
-                                target, reader(f"layers.{ours}", i, transpose)))
-        shards, size = [[]], 0
-        for entry in entries:
-            nbytes = np.prod(entry[1]) * target.itemsize
-            if shards[-1] and size + nbytes > shard_size:
-                shards.append([])
-                size = 0
-            shards[-1].append(entry)
-            size += nbytes
-        names = (["model.safetensors"] if len(shards) == 1 else
-                 [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
-        with formats.atomic_dir(out, overwrite) as tmp:
-            for name, shard in zip(names, shards):
-                formats.write_safetensors(os.path.join(tmp, name), shard, metadata={"format": "pt"})
-            if len(shards) > 1:
-                index = {"metadata": {"total_size": int(sum(np.prod(e[1]) * target.itemsize for e in entries))},
-                         "weight_map": {e[0]: name for name, shard in zip(names, shards) for e in shard}}
-                with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-                    json.dump(index, f, indent=2)
-            with open(os.path.join(tmp, "config.json"), "w") as f:
-                json.dump(hf_config(config, dtype), f, indent=2)
+    def reader(name, layer, transpose):
+        def make():
+            array = reads[name]((layer,) if layer is not None else None)
+            return (array.T if transpose else array).astype(target)
+        return make
+
+    entries = []  # (hf name, shape, dtype, make) in transformers' order
+    for ours, (hf_name, transpose) in formats.HF_NAMES.items():
+        entries.append((hf_name, shapes[ours][::-1] if transpose else shapes[ours], target, reader(ours, None, transpose)))
+    for i in range(config.layers):
+        for ours, (hf_name, transpose) in formats.HF_LAYER_NAMES.items():
+            shape = shapes[f"layers.{ours}"][1:]
+            entries.append((f"model.layers.{i}.{hf_name}", shape[::-1] if transpose else shape,
+                            target, reader(f"layers.{ours}", i, transpose)))
+    shards, size = [[]], 0
+    for entry in entries:
+        nbytes = np.prod(entry[1]) * target.itemsize
+        if shards[-1] and size + nbytes > shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    names = (["model.safetensors"] if len(shards) == 1 else
+             [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
+    with formats.atomic_dir(out, overwrite) as tmp:
+        for name, shard in zip(names, shards):
+            formats.write_safetensors(os.path.join(tmp, name), shard, metadata={"format": "pt"})
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": int(sum(np.prod(e[1]) * target.itemsize for e in entries))},
+                     "weight_map": {e[0]: name for name, shard in zip(names, shards) for e in shard}}
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump(index, f, indent=2)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_config(config, dtype), f, indent=2)
     return config
 
 

@@ -303,13 +303,18 @@ def read_slice(file, name, index=None):
         return tensor[tuple(index) if index is not None else (slice(None),) * len(tensor.get_shape())]
 
 
+def tensor_headers(file):
+    """{name: (shape, dtype name)} of a safetensors file, from its header alone."""
+    with safe_open(file, framework="numpy") as f:
+        return {name: (tuple(f.get_slice(name).get_shape()), f.get_slice(name).get_dtype()) for name in f.keys()}
+
+
 def own_tensors(path):
     config = read_config(path)
     verify_checksums(path)
     file = os.path.join(path, "params.safetensors")
     try:
-        with safe_open(file, framework="numpy") as f:
-            stored = {name: (tuple(f.get_slice(name).get_shape()), f.get_slice(name).get_dtype()) for name in f.keys()}
+        stored = tensor_headers(file)
     except Exception as e:
         raise ValueError(f"{path}: unreadable checkpoint ({e})") from None
     check_shapes(path, config, {name: shape for name, (shape, _) in stored.items()})

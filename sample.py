@@ -137,9 +137,9 @@ def prompt_tokens(paths, vq_params, vq_config, context_images):
     return images, vqgan.encode(vq_params, vq_config, images)
 
 
-def timed_generate(params, config, prompt, new_images, candidates, args, sampling, key):
+def timed_generate(params, config, prompt, new_images, candidates, context_images, sampling, key):
     start = time.perf_counter()
-    tokens = generate(params, config, prompt, new_images, candidates, args.context, sampling, key)
+    tokens = generate(params, config, prompt, new_images, candidates, context_images, sampling, key)
     seconds = time.perf_counter() - start
     print(f"{tokens.size} tokens in {seconds:.2f}s: {tokens.size / seconds:.1f} tokens/s, "
           f"{seconds / tokens.shape[1]:.2f} s per image (first call includes compilation)")
@@ -152,7 +152,7 @@ def draw_from_folder(args, params, config, vq_params, vq_config, sampling):
     if not paths:
         raise ValueError(f"{args.prompt}: no images (.jpg, .png, ...) in this folder")
     images, prompt = prompt_tokens(paths, vq_params, vq_config, args.context)
-    tokens = timed_generate(params, config, prompt, args.new_images, args.candidates, args, sampling,
+    tokens = timed_generate(params, config, prompt, args.new_images, args.candidates, args.context, sampling,
                             jax.random.key(args.seed))  # (candidates, new_images, 256)
     drawn = vqgan.decode(vq_params, vq_config, tokens.reshape(-1, vqgan.TOKENS_PER_IMAGE)).reshape(
         *tokens.shape[:2], vqgan.IMAGE_SIZE, vqgan.IMAGE_SIZE, 3)
@@ -173,7 +173,7 @@ def draw_batch(args, params, config, vq_params, vq_config, sampling):
         except ValueError as e:
             print(f"skipping line {number}: {e}")
             continue
-        tokens = timed_generate(params, config, prompt, 1, 1, args, sampling, key)
+        tokens = timed_generate(params, config, prompt, 1, 1, args.context, sampling, key)
         os.makedirs(os.path.dirname(job["output"]), exist_ok=True)
         vqgan.save_image(job["output"], vqgan.decode(vq_params, vq_config, tokens[0])[0])
         print(f"line {number}: wrote {job['output']}")

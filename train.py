@@ -26,7 +26,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
-from safetensors import safe_open
 from tqdm import tqdm
 
 import formats
@@ -268,8 +267,7 @@ def restore(path, config, optimizer, mesh):
     opt_shapes = jax.eval_shape(optimizer.init, params)
     opt_file = os.path.join(path, "opt_state.safetensors")
     try:
-        with safe_open(opt_file, framework="numpy") as f:
-            stored = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+        stored = {name: shape for name, (shape, _) in formats.tensor_headers(opt_file).items()}
         with open(os.path.join(path, "train_state.json")) as f:
             info = json.load(f)
         position = (int(info["data_offset"]), int(info["data_skip"]))
