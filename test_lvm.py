@@ -1676,20 +1676,31 @@ def test_bench_without_the_test_requirements_says_what_to_install():
 # examples/toy: the toy world, its VQGAN trainer and run.sh
 
 
-def test_flip_twice_is_the_identity():
-    x, y = world.task_pair("flip", np.random.default_rng(0))
+def test_shift_moves_every_pixel_one_token_right_wrapping_around():
+    x, y = world.task_pair("shift", np.random.default_rng(0))
     assert not np.array_equal(x, y)
-    np.testing.assert_array_equal(y[:, ::-1], x)
+    for column in (0, 5, 15, 16, 100, 255):
+        np.testing.assert_array_equal(y[:, (column + 16) % 256], x[:, column])
+
+
+def test_colorize_queries_hold_gray_objects_each_colour_with_its_own_gray_level():
+    x, y = world.task_pair("colorize", np.random.default_rng(0))
+    objects = np.any(x != y, axis=-1)
+    assert objects.any() and not objects.all()
+    np.testing.assert_array_equal(x[objects][:, 0], x[objects][:, 2])
+    np.testing.assert_allclose(x[objects][:, 1], y[objects] @ np.array([0.299, 0.587, 0.114]), atol=1e-6)
+    lumas = [round(float(c @ np.array([0.299, 0.587, 0.114]) * 255)) for c in world.COLOURS]
+    assert min(np.diff(sorted(lumas))) >= 10
 
 
 def test_segmentation_colours_each_silhouette_by_its_shape_kind():
-    scene = {"background": 1,
+    scene = {"background": np.full((16, 16), 1),
              "objects": [{"shape": k, "colour": 5, "size": 40, "centre": np.array([50.0 + 70 * k, 128.0]),
                           "velocity": np.array([16.0, 0.0])} for k in range(3)]}
     image = world.segment(scene)
     for k in range(3):  # the centre of each object, and a point surely outside all of them
         np.testing.assert_array_equal(image[128, 50 + 70 * k], world.SEGMENT_COLOURS[k])
-    np.testing.assert_array_equal(image[10, 10], world.BACKGROUNDS[1])  # the scene background
+    np.testing.assert_array_equal(image[10, 10], world.TILES[1])  # the scene background
     assert len({tuple(c) for c in world.SEGMENT_COLOURS}) == 3
 
 
@@ -1720,7 +1731,7 @@ def test_prompts_and_score_against_the_baselines(tmp_path, capsys):
     world.main(["prompts", "--out", str(tmp_path), "--per_task", "1"])
     jobs = [json.loads(line) for line in open(tmp_path / "jobs.jsonl")]
     assert [j["task"] for j in jobs] == ["sequence", *world.TASKS]
-    assert len(jobs[0]["input"]) == 4 and len(jobs[1]["input"]) == 5  # frames; 2 pairs + query
+    assert len(jobs[0]["input"]) == 5 and len(jobs[1]["input"]) == 5  # frames; 2 pairs + query
     for job in jobs:  # a perfect model
         os.makedirs(tmp_path / "answers", exist_ok=True)
         shutil.copy(tmp_path / job["target"], tmp_path / job["output"])
@@ -1744,7 +1755,7 @@ def test_toy_vqgan_trainer_writes_a_folder_the_tokenizer_loads(tmp_path):
                       "--codes", "16", "--eval_images", "2"])
     params, config = vqgan.load_vqgan(tmp_path / "vq")
     assert config.norm_num_groups == 4 and config.num_embeddings == 16
-    images = np.stack([world.load(p) for p in sorted((tmp_path / "data" / "flip" / "x").glob("*.png"))])
+    images = np.stack([world.load(p) for p in sorted((tmp_path / "data" / "shift" / "x").glob("*.png"))])
     tokens = vqgan.encode(params, config, images)
     assert tokens.shape == (2, 256) and tokens.max() < 16
 
@@ -1777,7 +1788,7 @@ def test_toy_pipeline_smoke_run_hands_each_stage_what_the_next_needs(tmp_path):
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     out = tmp_path / "toy"
-    assert len(list((out / "data" / "clips").iterdir())) == 2 and len(list((out / "data" / "flip" / "y").iterdir())) == 4
+    assert len(list((out / "data" / "clips").iterdir())) == 2 and len(list((out / "data" / "shift" / "y").iterdir())) == 4
     _, vq_config = vqgan.load_vqgan(out / "vqgan")
     lines = [np.frombuffer(base64.b64decode(json.loads(line)["tokens"]), "<i4") for line in open(out / "tokens" / "dataset.jsonl")]
     assert len(lines) == 20 and all(len(t) == 6 * 256 and t.max() < vq_config.num_embeddings for t in lines)

@@ -14,7 +14,7 @@ mkdir -p "$1" 2>/dev/null && [ -w "$1" ] || { echo "error: $1: cannot write ther
 OUT=$(cd "$1" && pwd)
 cd "$(dirname "$0")/../.."
 TOY=examples/toy
-TASKS="flip recolour segment inpaint"
+TASKS="shift recolour segment colorize"
 
 if [ "${2:-}" = --smoke ]; then
   CLIPS=2 PAIRS=4 VQ_STEPS=4 VQ_AE=0 LVM_STEPS=2 PER_TASK=1 BATCH=1
