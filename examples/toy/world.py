@@ -8,9 +8,10 @@ render writes training data in the folder layouts tokenize_data.py reads: DIR/cl
 folder of frames per clip, every object moving at its own constant velocity of one token (16 px)
 per frame to the left or right, bouncing off the borders) and DIR/TASK/x/ + DIR/TASK/y/ (analogy
 pairs matched by file stem). Three tasks (shift, recolour, segment) take the same kind of query, a
-scene, so only the example pairs say which one is asked; colorize takes a scene with gray objects. prompts writes held-out prompts with
-their true answers and DIR/jobs.jsonl for `sample.py --batch`; score compares the model's answers
-with the truth and with trivial baselines, and draws DIR/results.png.
+scene, so only the example pairs say which one is asked; colorize takes a scene with gray objects.
+prompts writes held-out prompts with their true answers and DIR/jobs.jsonl for `sample.py --batch`;
+score compares the model's answers with the truth and with trivial baselines, and draws
+DIR/results.png.
 """
 import argparse
 import json
@@ -30,7 +31,7 @@ SEGMENT_COLOURS = np.array([[255, 255, 255], [255, 0, 255], [255, 255, 0]], np.f
 RECOLOUR = np.roll(np.arange(len(COLOURS)), -1)  # colour k becomes colour k + 1
 TASKS = ("shift", "recolour", "segment", "colorize")
 GRID = 16  # px per VQGAN token: objects sit on the token grid and move whole tokens per frame
-SPEED = 16  # px per frame along each moving axis: copying the last frame is clearly wrong
+SPEED = 16  # px per frame, left or right: copying the last frame is clearly wrong
 
 
 def random_scene(rng):
