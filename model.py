@@ -42,8 +42,8 @@ class Config:
 CONFIGS = {
     "debug": Config(128, 256, 2, 4),
     # examples/toy: 4 layers for in-context copying, heads of 64 (half the CPU attention cost of 32),
-    # a vocab for its 1024-code VQGAN + 100 special ids
-    "toy": Config(192, 512, 4, 3, vocab=1124),
+    # a vocab for its 256-code VQGAN + 100 special ids
+    "toy": Config(192, 512, 4, 3, vocab=356),
     "100m": Config(640, 1664, 22, 10),
     "300m": Config(1024, 2688, 22, 8),
     "600m": Config(1536, 4096, 22, 16),

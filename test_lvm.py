@@ -1775,12 +1775,26 @@ def test_carrier_start_is_a_patch_mean_autoencoder():
         train_vqgan.carrier_init(dataclasses.replace(config, norm_num_groups=2), params)
 
 
-def test_kmeans_finds_separated_clusters():
+def test_kmeans_gives_each_separated_cluster_one_code_and_parks_the_spare_ones():
     rng = np.random.default_rng(1)
     centres = np.array([[0, 0], [10, 0], [0, 10]], np.float32)
     points = np.concatenate([c + rng.normal(0, 0.1, (50, 2)) for c in centres]).astype(np.float32)
-    found = train_vqgan.kmeans(points, 3, rng)
-    np.testing.assert_allclose(sorted(map(tuple, found.round(0))), sorted(map(tuple, centres)), atol=0.5)
+    found = train_vqgan.kmeans(points, 5)
+    used = found[found[:, 0] != train_vqgan.PARKED]
+    assert len(used) == 3  # one code per cluster, not a cluster split by noise between two codes
+    np.testing.assert_allclose(sorted(map(tuple, used.round(0))), sorted(map(tuple, centres)), atol=0.5)
+    far = np.concatenate([points, [[30, 30]]]).astype(np.float32)  # a new latent the codebook serves badly
+    moved = train_vqgan.place_codes(far, found, np.flatnonzero(found[:, 0] == train_vqgan.PARKED))
+    np.testing.assert_array_equal(sorted(map(tuple, moved[moved[:, 0] != train_vqgan.PARKED])),
+                                  sorted(map(tuple, [*used, [30, 30]])))
+
+
+def test_objects_are_drawn_in_whole_tokens():
+    for shape in range(len(world.SHAPES)):
+        for size in (48, 64, 80, 96):
+            mask = world.shape_mask(shape, size, (120.0, 136.0))
+            cells = mask.reshape(16, 16, 16, 16)  # (row, y in cell, column, x in cell)
+            assert mask.any() and np.all(cells == cells[:, :1, :, :1])
 
 
 def test_toy_pipeline_smoke_run_hands_each_stage_what_the_next_needs(tmp_path):

@@ -19,7 +19,7 @@ TASKS="shift recolour segment colorize"
 if [ "${2:-}" = --smoke ]; then
   CLIPS=2 PAIRS=4 VQ_STEPS=4 VQ_AE=0 LVM_STEPS=2 PER_TASK=1 BATCH=1
 else
-  CLIPS=200 PAIRS=150 VQ_STEPS=25 VQ_AE=0 LVM_STEPS=1000 PER_TASK=10 BATCH=2
+  CLIPS=200 PAIRS=150 VQ_STEPS=25 VQ_AE=0 LVM_STEPS=1000 PER_TASK=30 BATCH=2
 fi
 started=$SECONDS
 stage() { echo; echo "== [$(( (SECONDS - started) / 60 ))m$(( (SECONDS - started) % 60 ))s] $*"; }
@@ -30,7 +30,7 @@ stage "1/7 render the toy world: $CLIPS clips of 12 frames, $PAIRS pairs for eac
 
 stage "2/7 train the VQGAN ($VQ_STEPS steps)"
 [ -f "$OUT/vqgan/config.json" ] || python $TOY/train_vqgan.py --data "$OUT/data" --out "$OUT/vqgan" \
-  --steps $VQ_STEPS --ae_steps $VQ_AE
+  --steps $VQ_STEPS --ae_steps $VQ_AE --codes 256
 
 stage "3/7 tokenize: sentences of 6 images (1536 tokens): 6 frames of a clip, or 3 pairs of one task"
 mkdir -p "$OUT/tokens"

@@ -48,7 +48,7 @@ def random_scene(rng):
     background = rng.integers(len(TILES), size=(SIZE // GRID, SIZE // GRID))  # (16, 16) tile colours
     objects = []
     for _ in range(rng.integers(1, 4)):
-        size = GRID * int(rng.integers(2, 5))  # 32, 48 or 64 px
+        size = GRID * int(rng.integers(3, 7))  # 3 to 6 tokens, 48 to 96 px
         velocity = np.array([SPEED * rng.choice([-1, 1]), 0])  # left or right, one token per frame
         corner = GRID * rng.integers(0, (SIZE - size) // GRID + 1, 2)
         objects.append({"shape": int(rng.integers(len(SHAPES))), "colour": int(rng.integers(len(COLOURS))),
@@ -57,14 +57,20 @@ def random_scene(rng):
 
 
 def shape_mask(shape, size, centre):
-    """Boolean (SIZE, SIZE) silhouette of one object; centre is (x, y) in pixels."""
-    y, x = np.mgrid[0:SIZE, 0:SIZE] + 0.5
+    """Boolean (SIZE, SIZE) silhouette of one object, centre (x, y) in pixels, drawn in whole tokens
+    (16x16 cells, the cells whose centre is inside the shape): pixel art at the VQGAN's resolution.
+    Smooth edges cut cells in two, and every object colour x tile colour x cut is a token of its own
+    that the answer must map; at 30 prompts per task the greedy answers of smooth shapes started
+    objects with such a token wrong and then drew the whole object in the wrong colour."""
+    y, x = (np.mgrid[0:SIZE // GRID, 0:SIZE // GRID] + 0.5) * GRID  # (16, 16) cell centres
     dx, dy, half = x - centre[0], y - centre[1], size / 2
     if SHAPES[shape] == "square":
-        return (np.abs(dx) <= half) & (np.abs(dy) <= half)
-    if SHAPES[shape] == "circle":
-        return dx * dx + dy * dy <= half * half
-    return (np.abs(dy) <= half) & (np.abs(dx) <= (dy + half) / 2)  # triangle, apex up
+        cells = (np.abs(dx) <= half) & (np.abs(dy) <= half)
+    elif SHAPES[shape] == "circle":
+        cells = dx * dx + dy * dy <= (half - GRID / 4) ** 2  # a little inside: 3 tokens wide is a plus, not a square
+    else:
+        cells = (np.abs(dy) <= half) & (np.abs(dx) <= (dy + half) / 2)  # triangle, apex up
+    return np.repeat(np.repeat(cells, GRID, axis=0), GRID, axis=1)
 
 
 def background(scene):
