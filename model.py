@@ -193,12 +193,13 @@ def apply_rope(x, cos, sin):  # x (batch, seq, heads, head_dim); cos, sin (seq, 
     return (x * cos[:, None].astype(x.dtype) + rotated * sin[:, None].astype(x.dtype))
 
 
-def causal_attention(q, k, v, block=128):
+def causal_attention(q, k, v, block=256):
     """Causal self-attention over (batch, seq, heads, head_dim). GPUs and TPUs get one fused
     kernel. On CPU XLA would compute all seq x seq scores, half of them masked: instead each block
     of queries sees only the keys up to its own end, with the heads leading (batch, heads, seq,
     head_dim) so that every product is one batched matmul (forward + backward 2.6x faster than
-    masked full attention at seq 1536)."""
+    masked full attention at seq 1536). Blocks of 256 rather than 128: fewer, larger matmuls outweigh
+    the extra masked scores (the toy model's training step 1.13-1.28 s instead of 1.38-1.39)."""
     seq = q.shape[1]
     if jax.default_backend() != "cpu" or seq <= block:
         return jax.nn.dot_product_attention(q, k, v, is_causal=True)

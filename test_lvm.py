@@ -114,14 +114,14 @@ def test_forward_matches_transformers_llama():
 
 
 def test_blocked_cpu_attention_equals_full_attention_in_value_and_gradient():
-    q, k, v, cotangent = (jax.random.normal(jax.random.key(i), (2, 300, 3, 16)) for i in range(4))
+    q, k, v, cotangent = (jax.random.normal(jax.random.key(i), (2, 600, 3, 16)) for i in range(4))
 
-    def full(q, k, v):  # all 300 x 300 scores, the future masked out
+    def full(q, k, v):  # all 600 x 600 scores, the future masked out
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / 4.0
-        scores = jnp.where(jnp.tril(jnp.ones((300, 300), bool)), scores, -jnp.inf)
+        scores = jnp.where(jnp.tril(jnp.ones((600, 600), bool)), scores, -jnp.inf)
         return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(scores, axis=-1), v)
 
-    scores = np.einsum("bqhd,bkhd->bhqk", *map(np.asarray, (q, k))) / 4.0 + np.triu(np.full((300, 300), -np.inf), 1)
+    scores = np.einsum("bqhd,bkhd->bhqk", *map(np.asarray, (q, k))) / 4.0 + np.triu(np.full((600, 600), -np.inf), 1)
     weights = np.exp(scores - scores.max(-1, keepdims=True))
     expected = np.einsum("bhqk,bkhd->bqhd", weights / weights.sum(-1, keepdims=True), np.asarray(v))
     np.testing.assert_allclose(model.causal_attention(q, k, v), expected, atol=1e-5)  # 3 blocks, the last partial
