@@ -1748,6 +1748,20 @@ def test_prompts_per_task_zero_is_refused(tmp_path, capsys):
     assert exit_info.value.code == 2 and "--per_task must be at least 1" in capsys.readouterr().err
 
 
+def test_toy_stages_with_missing_input_stop_with_one_line_naming_it(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_vqgan.main(["--data", str(tmp_path / "nothing"), "--out", str(tmp_path / "vq")])
+    assert str(exit_info.value) == f"error: {tmp_path / 'nothing'}: no images (.png, .jpg, ...) found"
+    with pytest.raises(SystemExit) as exit_info:
+        world.main(["score", str(tmp_path / "nothing")])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == f"error: {tmp_path / 'nothing' / 'jobs.jsonl'}: No such file or directory\n"
+    world.main(["prompts", "--out", str(tmp_path / "prompts"), "--per_task", "1"])
+    with pytest.raises(SystemExit, match="no answers written yet"):
+        world.main(["score", str(tmp_path / "prompts")])
+    assert not (tmp_path / "vq").exists()
+
+
 def test_toy_vqgan_trainer_writes_a_folder_the_tokenizer_loads(tmp_path):
     world.main(["render", "--out", str(tmp_path / "data"), "--clips", "1", "--pairs", "2"])
     train_vqgan.main(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "vq"), "--steps", "3",
