@@ -307,8 +307,9 @@ def main(argv=None):
                                 for i in range(0, len(sample), 8)]).reshape(-1, args.embed_dim)
             params["quantize.embedding.weight"] = jnp.asarray(kmeans(z, args.codes))
             usage[:] = 0
-        elif use_codes and (step - args.ae_steps) % args.restart_every == 0:  # unused codes move onto
-            z = np.asarray(encode_latents(params, jnp.asarray(batch))).reshape(-1, args.embed_dim)  # latents served worst
+        elif use_codes and (step - args.ae_steps) % args.restart_every == 0:
+            # unused codes move onto the latents of this batch that the codebook serves worst
+            z = np.asarray(encode_latents(params, jnp.asarray(batch))).reshape(-1, args.embed_dim)
             params["quantize.embedding.weight"] = jnp.asarray(place_codes(
                 z, np.asarray(params["quantize.embedding.weight"]), np.flatnonzero(usage == 0)))
             usage[:] = 0
