@@ -137,12 +137,17 @@ def carrier_init(config, params):
 PARKED = 1e3
 
 
+def squared_distances(points, centres):
+    """(n, dim) points, (k, dim) centres -> (n, k) squared distances."""
+    return (points ** 2).sum(1)[:, None] + (centres ** 2).sum(1)[None] - 2 * points @ centres.T
+
+
 def place_codes(points, centres, free):
     """Move the codes `free` (parked ones first) one by one onto the point farthest from every code,
     while that point is badly served (squared distance over 1% of the points' variance, about 10 levels
     of 255 in a colour: flat colours that differ less are one token): (k, dim) centres, updated."""
     centres = centres.copy()
-    distances = np.min((points ** 2).sum(1)[:, None] + (centres ** 2).sum(1)[None] - 2 * points @ centres.T, 1)
+    distances = np.min(squared_distances(points, centres), 1)
     for c in sorted(free, key=lambda c: centres[c, 0] != PARKED):
         if distances.max() <= 1e-2 * points.var(0).sum():
             break
@@ -156,7 +161,7 @@ def kmeans(points, k, iterations=10):
     images; codes beyond the distinct latents, and those a Lloyd step leaves empty, are parked."""
     centres = place_codes(points, np.full((k, points.shape[1]), PARKED, np.float32), range(k))
     for _ in range(iterations):
-        nearest = np.argmin((points ** 2).sum(1)[:, None] + (centres ** 2).sum(1)[None] - 2 * points @ centres.T, 1)
+        nearest = np.argmin(squared_distances(points, centres), 1)
         for c in range(k):
             members = points[nearest == c]
             centres[c] = members.mean(0) if len(members) else PARKED
