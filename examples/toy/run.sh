@@ -3,7 +3,7 @@
 # pose held-out visual prompts and score the answers. Each stage is the project's own CLI; a stage
 # whose output is complete is skipped, so running it again continues where it stopped.
 #
-#   bash examples/toy/run.sh OUT            # the full run (under 30 minutes on 2 CPU cores)
+#   bash examples/toy/run.sh OUT            # the full run (about 28.5 minutes on 2 CPU cores)
 #   bash examples/toy/run.sh OUT --smoke    # tiny sizes, to check the stages fit together
 set -euo pipefail
 if [ $# -lt 1 ] || [ $# -gt 2 ] || { [ $# -eq 2 ] && [ "$2" != --smoke ]; }; then
@@ -19,7 +19,7 @@ TASKS="shift recolour segment colorize"
 if [ "${2:-}" = --smoke ]; then
   CLIPS=2 PAIRS=4 VQ_STEPS=4 VQ_AE=0 LVM_STEPS=2 PER_TASK=1 BATCH=1
 else
-  CLIPS=200 PAIRS=150 VQ_STEPS=25 VQ_AE=0 LVM_STEPS=1000 PER_TASK=30 BATCH=2
+  CLIPS=200 PAIRS=150 VQ_STEPS=25 VQ_AE=0 LVM_STEPS=2000 PER_TASK=30 BATCH=2
 fi
 started=$SECONDS
 stage() { echo; echo "== [$(( (SECONDS - started) / 60 ))m$(( (SECONDS - started) % 60 ))s] $*"; }
