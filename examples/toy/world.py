@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 SIZE = 256
-SHAPES = ("square", "circle", "triangle")
+SHAPES = ("square", "wedge", "triangle")  # wedge: right angle at the bottom left; triangle: apex down
 COLOURS = np.array([[20, 40, 180], [230, 30, 30], [40, 190, 40], [40, 210, 230], [255, 150, 200],
                     [255, 240, 40]], np.float32) / 255  # blue, red, green, cyan, pink, yellow
 TILES = np.array([[30, 60, 40], [90, 60, 70], [82, 117, 130], [160, 140, 120], [152, 186, 172],
@@ -65,15 +65,22 @@ def shape_mask(shape, size, centre):
     (16x16 cells, the cells whose centre is inside the shape): pixel art at the VQGAN's resolution.
     Smooth edges cut cells in two, and every object colour x tile colour x cut is a token of its own
     that the answer must map; at 30 prompts per task the greedy answers of smooth shapes started
-    objects with such a token wrong and then drew the whole object in the wrong colour."""
+    objects with such a token wrong and then drew the whole object in the wrong colour. The kinds
+    differ at an object's first token in raster order, where a segmentation answer must choose the
+    colour that the rest of the object then repeats: a square has the query's tokens right of it
+    and below it inside the object, a triangle (apex down) only the one right of it, a wedge only
+    the one below. With a circle and an apex-up triangle, whose top rows are the same, greedy
+    segment answers were 0.76 x the best baseline: a kind told apart only further down the query
+    was not learnt in 2000 steps."""
     y, x = (np.mgrid[0:SIZE // GRID, 0:SIZE // GRID] + 0.5) * GRID  # (16, 16) cell centres
     dx, dy, half = x - centre[0], y - centre[1], size / 2
+    inside_box = (np.abs(dx) <= half) & (np.abs(dy) <= half)
     if SHAPES[shape] == "square":
-        cells = (np.abs(dx) <= half) & (np.abs(dy) <= half)
-    elif SHAPES[shape] == "circle":
-        cells = dx * dx + dy * dy <= (half - GRID / 4) ** 2  # a little inside: 3 tokens wide is a plus, not a square
+        cells = inside_box
+    elif SHAPES[shape] == "wedge":
+        cells = inside_box & (dx <= dy)
     else:
-        cells = (np.abs(dy) <= half) & (np.abs(dx) <= (dy + half) / 2)  # triangle, apex up
+        cells = inside_box & (np.abs(dx) <= (half - dy) / 2)
     return np.repeat(np.repeat(cells, GRID, axis=0), GRID, axis=1)
 
 
