@@ -1819,9 +1819,11 @@ def test_toy_pipeline_smoke_run_hands_each_stage_what_the_next_needs(tmp_path):
     assert len(list((out / "data" / "clips").iterdir())) == 2 and len(list((out / "data" / "shift" / "y").iterdir())) == 4
     _, vq_config = vqgan.load_vqgan(out / "vqgan")
     lines = [np.frombuffer(base64.b64decode(json.loads(line)["tokens"]), "<i4") for line in open(out / "tokens" / "dataset.jsonl")]
-    assert len(lines) == 20 and all(len(t) == 6 * 256 and t.max() < vq_config.num_embeddings for t in lines)
+    # 2 clips of 12 frames -> 2 sentences of 6 frames each; 4 pairs -> 1 sentence of 3 per epoch, 2 epochs per
+    # task and 6 for segment
+    assert len(lines) == 2 * 2 + 2 + 2 + 6 + 2 and all(len(t) == 6 * 256 and t.max() < vq_config.num_embeddings for t in lines)
     config, _ = formats.load_checkpoint(out / "lvm" / "step_00000002")
-    assert config == model.CONFIGS["toy"] and config.vocab >= vq_config.num_embeddings
+    assert config == dataclasses.replace(model.CONFIGS["toy"], dtype="bfloat16") and config.vocab >= vq_config.num_embeddings
     jobs = [json.loads(line) for line in open(out / "prompts" / "jobs.jsonl")]
     assert all((out / "prompts" / job["output"]).is_file() for job in jobs) and (out / "prompts" / "results.png").is_file()
     table = result.stdout[result.stdout.index("model/best"):]
