@@ -214,14 +214,6 @@ def causal_attention(q, k, v, block=256):
     return jnp.concatenate(outputs, axis=2).swapaxes(1, 2)
 
 
-def dense(x, w):
-    """x (..., in) @ w (in, out) as one 2-D matmul. XLA's CPU backend runs the weight gradient of a
-    3-D product (contracting batch and seq at once) on a slow path: the debug model's lm_head
-    backward (vocab 8292) took 130 ms instead of 35, its training step 224 ms instead of 129. Used
-    for the lm_head only: on the blocks' narrower matmuls it made the toy's bfloat16 step 20% slower."""
-    return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
-
-
 def block(x, p, cos, sin, config, cache=None):
     """One transformer block on x (batch, seq, hidden) -> (x, cache). Training passes no cache:
     attention is causal over x itself. Prefill and decode pass this layer's (k, v, pos): x's keys
@@ -268,7 +260,7 @@ def embed(params, tokens, config):
 
 def lm_head(params, x, config):
     x = rms_norm(x, params["final_norm"], config.norm_eps)
-    return dense(x, params["lm_head"].astype(x.dtype)).astype(jnp.float32)
+    return (x @ params["lm_head"].astype(x.dtype)).astype(jnp.float32)
 
 
 def forward(params, tokens, config):
