@@ -69,9 +69,8 @@ def shape_mask(shape, size, centre):
     differ at an object's first token in raster order, where a segmentation answer must choose the
     colour that the rest of the object then repeats: a square has the query's tokens right of it
     and below it inside the object, a triangle (apex down) only the one right of it, a wedge only
-    the one below (a circle and an apex-up triangle share their top row). That alone did not make
-    segment learnable in 2000 steps (0.81 x the best baseline); three times the segment sentences
-    did (0.37), see run.sh."""
+    the one below (a circle and an apex-up triangle share their top row). A size-4 triangle is 3
+    rows tall."""
     y, x = (np.mgrid[0:SIZE // GRID, 0:SIZE // GRID] + 0.5) * GRID  # (16, 16) cell centres
     dx, dy, half = x - centre[0], y - centre[1], size / 2
     inside_box = (np.abs(dx) <= half) & (np.abs(dy) <= half)
