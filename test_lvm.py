@@ -124,10 +124,17 @@ def test_blocked_cpu_attention_equals_full_attention_in_value_and_gradient():
     scores = np.einsum("bqhd,bkhd->bhqk", *map(np.asarray, (q, k))) / 4.0 + np.triu(np.full((600, 600), -np.inf), 1)
     weights = np.exp(scores - scores.max(-1, keepdims=True))
     expected = np.einsum("bhqk,bkhd->bqhd", weights / weights.sum(-1, keepdims=True), np.asarray(v))
-    np.testing.assert_allclose(model.causal_attention(q, k, v), expected, atol=1e-5)  # 3 blocks, the last partial
+    np.testing.assert_allclose(model.causal_attention(q, k, v), expected, atol=1e-5)  # 5 blocks, the last partial
     grads = [jax.grad(lambda *qkv: jnp.vdot(f(*qkv), cotangent), argnums=(0, 1, 2))(q, k, v)
              for f in (model.causal_attention, full)]
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5), *grads)
+    # bfloat16 in and out (the toy recipe), float32 inside: gradients within bfloat16's rounding of float32's
+    half = [x.astype(jnp.bfloat16) for x in (q, k, v)]
+    half_grads = jax.grad(lambda *qkv: jnp.vdot(model.causal_attention(*qkv).astype(jnp.float32), cotangent),
+                          argnums=(0, 1, 2))(*half)
+    for ours, reference in zip(half_grads, grads[1]):
+        assert ours.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(ours, np.float32), reference, atol=0.05 * float(jnp.abs(reference).max()))
 
 
 def test_bfloat16_compute_stays_close_to_float32():
