@@ -35,22 +35,29 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def timed(fn, repeats):
     """Median seconds of fn() over repeats, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+    return timed_side_by_side([fn], repeats)[0]
+
+
+def timed_side_by_side(fns, repeats):
+    """Median seconds of each of fns over repeats, after one warm-up call each, the calls taking
+    turns: this machine's speed drifts by 10-20% over minutes, and taking turns shares the drift."""
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, spent in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - start)
+    return [float(np.median(spent)) for spent in times]
 
 
 def matmul_peak():
     """Measured float32 matmul FLOP/s of this machine (the larger of JAX and torch)."""
     a = np.random.rand(2048, 2048).astype(np.float32)
     f = jax.jit(lambda x: x @ x)
-    jax_s = timed(lambda: f(a).block_until_ready(), 5)
     t = torch.from_numpy(a)
-    torch_s = timed(lambda: t @ t, 5)
+    jax_s, torch_s = timed_side_by_side([lambda: f(a).block_until_ready(), lambda: t @ t], 5)
     return 2 * 2048 ** 3 / min(jax_s, torch_s)
 
 
@@ -64,7 +71,7 @@ def hf_model(config):
     return transformers.LlamaForCausalLM(hf_config)
 
 
-def bench_train(sizes=("debug", "100m"), seq=1024, batch=1, repeats=3):
+def bench_train(sizes=("toy", "debug", "100m"), seq=1024, batch=1, repeats=5):
     peak = matmul_peak()
     print(f"\n## train: one optimizer step, batch {batch} x {seq}, float32, CPU "
           f"(measured matmul peak {peak / 1e9:.0f} GFLOP/s)")
@@ -76,14 +83,13 @@ def bench_train(sizes=("debug", "100m"), seq=1024, batch=1, repeats=3):
         step = jax.jit(train.make_train_step(config, optimizer), donate_argnums=(0, 1))
         state = [model.init_params(config, jax.random.key(0))]
         state.append(optimizer.init(state[0]))
-        tokens = np.random.default_rng(0).integers(0, 8192, (1, batch, seq + 1)).astype(np.int32)
+        tokens = np.random.default_rng(0).integers(0, config.vocab, (1, batch, seq + 1)).astype(np.int32)
         inputs, targets = jnp.asarray(tokens[..., :-1]), jnp.asarray(tokens[..., 1:])
 
         def ours():
             state[0], state[1], metrics = step(state[0], state[1], inputs, targets)
             metrics["loss"].block_until_ready()
 
-        ours_s = timed(ours, repeats)
         hf = hf_model(config)
         opt = torch.optim.AdamW(hf.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.1)
         t_inputs, t_targets = torch.from_numpy(tokens[0, :, :-1]).long(), torch.from_numpy(tokens[0, :, 1:]).long()
@@ -96,35 +102,52 @@ def bench_train(sizes=("debug", "100m"), seq=1024, batch=1, repeats=3):
             opt.step()
             opt.zero_grad()
 
-        torch_s = timed(reference, repeats)
+        ours_s, torch_s = timed_side_by_side([ours, reference], repeats)
         flops = model.flops_per_token(config, seq) * batch * seq
         print(f"| {size} | {batch * seq / ours_s:.0f} | {flops / ours_s / peak:.0%} | {batch * seq / torch_s:.0f} | "
               f"{flops / torch_s / peak:.0%} | {torch_s / ours_s:.2f}x |")
 
 
+def memory_bandwidth():
+    """Measured bytes/s of reading a 1 GB float32 array (a sum, as a matrix-vector product reads)."""
+    a = jnp.ones(2 ** 28, jnp.float32)
+    total = jax.jit(jnp.sum)
+    return a.nbytes / timed(lambda: total(a).block_until_ready(), 5)
+
+
 def bench_sample(sizes=("debug", "100m"), batches=(1, 4), prompt_images=3, repeats=2):
-    print(f"\n## sample: draw one image (256 tokens) after {prompt_images} prompt images, float32, CPU")
-    print("| size | batch | ours tokens/s | ours s/image | transformers tokens/s | ratio |\n|---|---|---|---|---|---|")
+    bandwidth = memory_bandwidth()
+    print(f"\n## sample: draw one image (256 tokens) after {prompt_images} prompt images, float32, CPU "
+          f"(measured memory bandwidth {bandwidth / 1e9:.0f} GB/s)")
+    print("The limit: every decode step reads all weights (the embedding row only) and the filled KV cache; "
+          "prefill not counted.")
+    print("| size | batch | ours tokens/s | ours s/image | transformers tokens/s | ratio | bandwidth limit tokens/s | "
+          "ours / limit |\n|---|---|---|---|---|---|---|---|")
     for size in sizes:
         config = dataclasses.replace(model.CONFIGS[size], dtype="float32")
         params = model.unstack_layers(model.init_params(config, jax.random.key(0)))
         hf = hf_model(config).eval()
+        weight_bytes = 4 * (model.count_params(config) - config.vocab * config.hidden)
         for batch in batches:
             context = np.random.default_rng(0).integers(0, 8192, (batch, prompt_images * 256)).astype(np.int32)
             sampling = sample.Sampling(temperature=1.0, top_k=0, top_p=1.0)
-            ours_s = timed(lambda: sample.generate_image(params, jnp.asarray(context), jax.random.key(0),
-                                                         config, sampling).block_until_ready(), repeats)
             t_context = torch.from_numpy(context).long()
+
+            def ours():
+                sample.generate_image(params, jnp.asarray(context), jax.random.key(0), config, sampling).block_until_ready()
 
             def reference():
                 with torch.no_grad():
                     hf.generate(t_context, max_new_tokens=256, min_new_tokens=256, do_sample=True, top_k=0,
                                 use_cache=True, pad_token_id=8192)
 
-            torch_s = timed(reference, 1)
+            ours_s, torch_s = timed_side_by_side([ours, reference], repeats)
+            mean_cache = prompt_images * 256 + 128  # positions read per step, on average
+            step_bytes = weight_bytes + 4 * 2 * config.layers * batch * mean_cache * config.hidden
+            limit = batch * bandwidth / step_bytes
             tokens = batch * 256
             print(f"| {size} | {batch} | {tokens / ours_s:.1f} | {ours_s:.2f} | {tokens / torch_s:.1f} | "
-                  f"{torch_s / ours_s:.2f}x |")
+                  f"{torch_s / ours_s:.2f}x | {limit:.0f} | {tokens / ours_s / limit:.0%} |")
 
 
 def released_vqmodel():
@@ -148,10 +171,12 @@ def bench_vqgan(batch=8, repeats=2):
     t_images = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
     t_tokens = torch.from_numpy(tokens).long()
     with torch.no_grad():
-        rows = [("encode", timed(lambda: vqgan.encode(params, config, images), repeats),
-                 timed(lambda: vq.quantize(vq.encode(t_images).latents), repeats)),
-                ("decode", timed(lambda: vqgan.decode(params, config, tokens), repeats),
-                 timed(lambda: vq.decode(t_tokens, force_not_quantize=True, shape=(batch, 16, 16, 64)), repeats))]
+        encode = timed_side_by_side([lambda: vqgan.encode(params, config, images),
+                                     lambda: vq.quantize(vq.encode(t_images).latents)], repeats)
+        decode = timed_side_by_side([lambda: vqgan.decode(params, config, tokens),
+                                     lambda: vq.decode(t_tokens, force_not_quantize=True, shape=(batch, 16, 16, 64))],
+                                    repeats)
+    rows = [("encode", *encode), ("decode", *decode)]
     print("| | ours images/s | diffusers images/s | ratio |\n|---|---|---|---|")
     for name, ours_s, torch_s in rows:
         print(f"| {name} | {batch / ours_s:.2f} | {batch / torch_s:.2f} | {torch_s / ours_s:.2f}x |")

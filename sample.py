@@ -96,8 +96,10 @@ def load_model(path, dtype, context_images, codes):
     if context_images * vqgan.TOKENS_PER_IMAGE > config.max_seq:
         raise ValueError(f"{path}: --context {context_images} images needs {context_images * vqgan.TOKENS_PER_IMAGE} "
                          f"positions, the model has {config.max_seq}")
+    # weights stored in the compute dtype: a decode step reads each of them once, and float32 masters
+    # cast to bfloat16 inside the step would be read in full and converted at every token
     config = dataclasses.replace(config, dtype=dtype)
-    return config, jax.tree.map(lambda x: jnp.asarray(x, jnp.float32 if dtype == "float32" else x.dtype), params)
+    return config, jax.tree.map(lambda x: jnp.asarray(x, dtype), params)
 
 
 def resolve(base, path):

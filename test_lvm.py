@@ -1340,6 +1340,18 @@ def test_greedy_cached_generation_equals_full_forward_argmax():
     np.testing.assert_array_equal(drawn, buffer[:, 300:])
 
 
+def test_a_float32_checkpoint_sampled_in_bfloat16_is_held_in_bfloat16(tmp_path):
+    # a decode step reads every weight once: float32 masters cast inside the step would be read in
+    # full and converted at every token
+    params = randomize_norms(model.init_params(DEBUG, jax.random.key(11)))
+    formats.save_checkpoint(str(tmp_path / "ckpt"), DEBUG, params)
+    config, loaded = sample.load_model(str(tmp_path / "ckpt"), "bfloat16", 4, 8192)
+    assert config.dtype == "bfloat16"
+    assert {leaf.dtype for leaf in jax.tree.leaves(loaded)} == {jnp.dtype(jnp.bfloat16)}
+    np.testing.assert_array_equal(np.asarray(loaded["lm_head"], np.float32),
+                                  np.asarray(params["lm_head"].astype(jnp.bfloat16), np.float32))
+
+
 def test_top_k_top_p_and_codebook_keep_exactly_the_right_ids():
     probs = np.array([0.5, 0.2, 0.15, 0.1, 0.05])
     logits = np.full((1, 8292), -1e9, np.float32)
