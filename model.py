@@ -193,7 +193,7 @@ def apply_rope(x, cos, sin):  # x (batch, seq, heads, head_dim); cos, sin (seq, 
     return (x * cos[:, None].astype(x.dtype) + rotated * sin[:, None].astype(x.dtype))
 
 
-ATTENTION_BLOCK = 128  # CPU query block: 1.2-1.4x faster toy and debug steps than 256 or 64
+ATTENTION_BLOCK = 128  # CPU query block: the toy step 8-12% faster than with blocks of 256 or 64
 
 
 def causal_attention(q, k, v):

@@ -3,7 +3,7 @@
 # pose held-out visual prompts and score the answers. Each stage is the project's own CLI; a stage
 # whose output is complete is skipped, so running it again continues where it stopped.
 #
-#   bash examples/toy/run.sh OUT            # the full run (25-28 minutes on 2 CPU cores)
+#   bash examples/toy/run.sh OUT            # the full run (about 25 minutes on 2 CPU cores)
 #   bash examples/toy/run.sh OUT --smoke    # tiny sizes, to check the stages fit together
 set -euo pipefail
 if [ $# -lt 1 ] || [ $# -gt 2 ] || { [ $# -eq 2 ] && [ "$2" != --smoke ]; }; then
