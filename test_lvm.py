@@ -1425,6 +1425,19 @@ def test_prompt_folder_draws_every_candidate_and_a_grid_from_a_hf_folder(tmp_pat
     assert Image.open(tmp_path / "out" / "grid.png").size == (2 * 256, 3 * 256)  # prompt row + 2 candidates
 
 
+def test_batch_file_draws_every_line_and_says_which_calls_compiled(tmp_path, tiny_vqgan, capsys):
+    _, folder = hf_with_vqgan(tmp_path)
+    prompts = [PHOTOS[:2], PHOTOS[1:3], PHOTOS[:3]]  # the third prompt is longer: compiled anew
+    with open(tmp_path / "jobs.jsonl", "w") as f:
+        for i, photos in enumerate(prompts):
+            f.write(json.dumps({"input": photos, "output": f"out/{i}.png"}) + "\n")
+    capsys.readouterr()
+    sample.main(["--ckpt", folder, "--vqgan", tiny_vqgan[0], "--batch", str(tmp_path / "jobs.jsonl"), "--context", "4"])
+    timings = [line for line in capsys.readouterr().out.splitlines() if "tokens/s" in line]
+    assert ["includes compilation" in line for line in timings] == [True, False, True]
+    assert sorted(os.listdir(tmp_path / "out")) == ["0.png", "1.png", "2.png"]
+
+
 def test_prompt_folder_mistakes_give_one_line(tmp_path, tiny_vqgan, capsys):
     _, folder = hf_with_vqgan(tmp_path)
     prompt = photo_folder(tmp_path, {"img2.jpg": PHOTOS[1], "img1.jpg": PHOTOS[0]}, "prompt")
