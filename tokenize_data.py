@@ -383,7 +383,7 @@ def parse_args(argv=None):
             sub.add_argument("--shots", type=count, default=shots[0], help=shots[1])
         sub.add_argument("--epochs", type=count, default=1, help="seeded permutations of the images")
         sub.add_argument("--seed", type=int, default=0)
-        sub.add_argument("--batch_size", type=count, default=8, help="images per VQGAN call")
+        sub.add_argument("--batch_size", type=count, default=8, help="images per VQGAN call (on CPU at most 2 per device)")
         sub.add_argument("--workers", type=count, default=os.cpu_count(), help="image decoding threads")
         sub.add_argument("--shard", type=shard, default="0/1", metavar="I/N",
                          help="take part I of N (every N-th clip, pair or image): N processes or hosts each "
