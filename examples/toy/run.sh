@@ -22,7 +22,7 @@ declare -A EPOCHS=([shift]=2 [recolour]=2 [segment]=6 [colorize]=2)
 if [ "${2:-}" = --smoke ]; then
   CLIPS=2 PAIRS=4 VQ_STEPS=4 VQ_AE=0 LVM_STEPS=2 PER_TASK=1 BATCH=1
 else
-  CLIPS=200 PAIRS=300 VQ_STEPS=25 VQ_AE=0 LVM_STEPS=2000 PER_TASK=30 BATCH=2
+  CLIPS=200 PAIRS=300 VQ_STEPS=25 VQ_AE=0 LVM_STEPS=2500 PER_TASK=30 BATCH=2
 fi
 started=$SECONDS
 stage() { echo; echo "== [$(( (SECONDS - started) / 60 ))m$(( (SECONDS - started) % 60 ))s] $*"; }
