@@ -125,7 +125,7 @@ def bench_sample(sizes=("debug", "100m"), batches=(1, 4), prompt_images=3, repea
           "ours / limit |\n|---|---|---|---|---|---|---|---|")
     for size in sizes:
         config = dataclasses.replace(model.CONFIGS[size], dtype="float32")
-        params = model.unstack_layers(model.init_params(config, jax.random.key(0)))
+        params = model.inference_params(model.init_params(config, jax.random.key(0)))
         hf = hf_model(config).eval()
         weight_bytes = 4 * (model.count_params(config) - config.vocab * config.hidden)
         for batch in batches:

@@ -274,6 +274,18 @@ def cached_attention(q, k, v, start):
     return jnp.einsum("nqk,nkd->nqd", probs, v.astype(q.dtype))
 
 
+ATTENTION_INPUTS, MLP_INPUTS = ("wq", "wk", "wv"), ("w_gate", "w_up")  # same-width weights that read the same input
+
+
+def project(h, p, names):
+    """h (tokens, hidden) times each weight in names -> a list of (tokens, width). Inference params
+    (`inference_params`) hold them side by side under one key, "wq+wk+wv": one dot reads all three."""
+    fused = "+".join(names)
+    if fused in p:
+        return jnp.split(h @ p[fused].astype(h.dtype), len(names), axis=-1)
+    return [h @ p[name].astype(h.dtype) for name in names]
+
+
 def block(x, p, cos, sin, config, cache=None):
     """One transformer block on x (batch, seq, hidden) -> (x, cache). Training passes no cache:
     attention is causal over x itself. Prefill and decode pass this layer's (k, v, pos): x's keys
@@ -282,7 +294,7 @@ def block(x, p, cos, sin, config, cache=None):
     dt = x.dtype
     x = x.reshape(B * T, D)  # 2-D matmuls: the CPU weight gradients of 3-D ones took a slow path (toy step 1.4x)
     h = rms_norm(x, p["attn_norm"], config.norm_eps)
-    q, k, v = ((h @ p[w].astype(dt)).reshape(B, T, config.heads, config.head_dim) for w in ("wq", "wk", "wv"))
+    q, k, v = (a.reshape(B, T, config.heads, config.head_dim) for a in project(h, p, ATTENTION_INPUTS))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if cache is None:
         attn = causal_attention(q, k, v)
@@ -294,7 +306,8 @@ def block(x, p, cos, sin, config, cache=None):
         attn = cached_attention(q, *cache, start).reshape(B, config.heads, T, config.head_dim).swapaxes(1, 2)
     x = x + attn.reshape(B * T, D) @ p["wo"].astype(dt)
     h = rms_norm(x, p["mlp_norm"], config.norm_eps)
-    x = x + (jax.nn.silu(h @ p["w_gate"].astype(dt)) * (h @ p["w_up"].astype(dt))) @ p["w_down"].astype(dt)
+    gate, up = project(h, p, MLP_INPUTS)
+    x = x + (jax.nn.silu(gate) * up) @ p["w_down"].astype(dt)
     return constrain(x.reshape(B, T, D), ("batch", None, None)), cache
 
 
@@ -344,7 +357,7 @@ def forward(params, tokens, config):
 # ---------------------------------------------------------------------------------------------
 # Inference. Decoding reads every weight once per token, so it is bound by memory bandwidth:
 # slicing stacked weights inside a scan would copy each of them at every step (3x slower), so
-# inference takes the layers as a list (`unstack_layers`, once) and runs them unrolled. The KV
+# inference takes the layers as a list (`inference_params`, once) and runs them unrolled. The KV
 # cache is a list too, one fixed-size (batch * heads, cache_len, head_dim) array per layer for
 # k and v, plus "pos", the number of positions filled: fixed shapes keep one compiled step. With
 # batch and heads merged into one dim, XLA's CPU dots read each cache where it was updated; laid
@@ -352,9 +365,17 @@ def forward(params, tokens, config):
 # at every token (100m decode 1.25x slower).
 
 
-def unstack_layers(params):
-    layers = params["layers"]
-    return {**params, "layers": [jax.tree.map(lambda a: a[i], layers) for i in range(layers["wq"].shape[0])]}
+def inference_params(params):
+    """Training params -> the layout prefill and decode_step read: layers as a list, and each layer's
+    same-width weights side by side, so that each layer's inputs go through 2 dots instead of 5
+    (a 100m decode step: 66 fewer dots, 12% faster)."""
+    layers = []
+    for i in range(params["layers"]["wq"].shape[0]):
+        layer = {name: weights[i] for name, weights in params["layers"].items()}
+        for names in (ATTENTION_INPUTS, MLP_INPUTS):
+            layer["+".join(names)] = jnp.concatenate([layer.pop(name) for name in names], axis=-1)
+        layers.append(layer)
+    return {**params, "layers": layers}
 
 
 def init_cache(config, batch, cache_len):
@@ -376,8 +397,8 @@ def forward_cached(params, tokens, cache, config):
 
 
 def prefill(params, tokens, config, cache_len):
-    """Prompt (batch, seq) -> (logits (batch, seq, vocab), cache holding the prompt); params with
-    unstacked layers."""
+    """Prompt (batch, seq) -> (logits (batch, seq, vocab), cache holding the prompt); params from
+    `inference_params`."""
     check_tokens(tokens, config, min(cache_len, config.max_seq))
     return forward_cached(params, tokens, init_cache(config, tokens.shape[0], cache_len), config)
 

@@ -237,7 +237,7 @@ def main(argv=None):
         if args.perplexity:
             return perplexity(args, params, config, vq_params, vq_config)
         draw = draw_batch if args.batch else draw_from_folder
-        draw(args, model.unstack_layers(params), config, vq_params, vq_config,
+        draw(args, model.inference_params(params), config, vq_params, vq_config,
              Sampling(args.temperature, args.top_k, args.top_p, codes))
     except (ValueError, OSError) as e:
         p.exit(1, f"error: {e}\n")

@@ -207,7 +207,7 @@ def test_prefill_then_decode_equals_full_forward():
     params = randomize_norms(model.init_params(DEBUG, jax.random.key(4)))
     tokens = random_tokens(4, 3, 40)
     full = np.asarray(model.forward(params, tokens, DEBUG))
-    params = model.unstack_layers(params)
+    params = model.inference_params(params)
     logits, cache = jax.jit(model.prefill, static_argnums=(2, 3))(params, tokens[:, :24], DEBUG, 48)
     np.testing.assert_allclose(np.asarray(logits), full[:, :24], atol=1e-5, rtol=0)
     step = jax.jit(model.decode_step, static_argnums=3)
@@ -225,7 +225,7 @@ def test_bad_tokens_and_lengths_give_clear_errors():
         model.forward(params, np.array([[-1, 3]]), DEBUG)
     with pytest.raises(ValueError, match="longer than the 4096"):
         model.forward(params, np.zeros((1, 4097), np.int32), DEBUG)
-    params = model.unstack_layers(params)
+    params = model.inference_params(params)
     with pytest.raises(ValueError, match="longer than the 8"):
         model.prefill(params, np.zeros((1, 9), np.int32), DEBUG, 8)
     _, cache = model.prefill(params, np.zeros((1, 8), np.int32), DEBUG, 8)
@@ -1329,7 +1329,7 @@ def test_greedy_cached_generation_equals_full_forward_argmax():
     params = randomize_norms(model.init_params(DEBUG, jax.random.key(10)))
     context = random_tokens(10, 2, 300, high=8192)
     greedy = sample.Sampling(temperature=0.0, codes=8192)
-    drawn = np.asarray(sample.generate_image(model.unstack_layers(params), jnp.asarray(context), jax.random.key(0),
+    drawn = np.asarray(sample.generate_image(model.inference_params(params), jnp.asarray(context), jax.random.key(0),
                                              DEBUG, greedy))
     # reference: the full forward pass over a fixed-length buffer, argmax over the image codes
     forward = jax.jit(model.forward, static_argnums=2)
