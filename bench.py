@@ -38,13 +38,15 @@ def timed(fn, repeats):
     return timed_side_by_side([fn], repeats)[0]
 
 
-def timed_side_by_side(fns, repeats):
-    """Median seconds of each of fns over repeats, after one warm-up call each, the calls taking
-    turns: this machine's speed drifts by 10-20% over minutes, and taking turns shares the drift."""
+def timed_side_by_side(fns, repeats, min_seconds=0.0):
+    """Median seconds of each of fns over at least repeats turns (more until min_seconds have
+    passed), after one warm-up call each, the calls taking turns: this machine's speed drifts by
+    10-20% over minutes, and taking turns shares the drift."""
     for fn in fns:
         fn()
     times = [[] for _ in fns]
-    for _ in range(repeats):
+    begin = time.perf_counter()
+    while len(times[0]) < repeats or time.perf_counter() - begin < min_seconds:
         for fn, spent in zip(fns, times):
             start = time.perf_counter()
             fn()
@@ -102,7 +104,7 @@ def bench_train(sizes=("toy", "debug", "100m"), seq=1024, batch=1, repeats=5):
             opt.step()
             opt.zero_grad()
 
-        ours_s, torch_s = timed_side_by_side([ours, reference], repeats)
+        ours_s, torch_s = timed_side_by_side([ours, reference], repeats, min_seconds=20)
         flops = model.flops_per_token(config, seq) * batch * seq
         print(f"| {size} | {batch * seq / ours_s:.0f} | {flops / ours_s / peak:.0%} | {batch * seq / torch_s:.0f} | "
               f"{flops / torch_s / peak:.0%} | {torch_s / ours_s:.2f}x |")
@@ -115,7 +117,7 @@ def memory_bandwidth():
     return a.nbytes / timed(lambda: total(a).block_until_ready(), 5)
 
 
-def bench_sample(sizes=("debug", "100m"), batches=(1, 4), prompt_images=3, repeats=2):
+def bench_sample(sizes=("debug", "100m"), batches=(1, 4), prompt_images=3, repeats=3):
     bandwidth = memory_bandwidth()
     print(f"\n## sample: draw one image (256 tokens) after {prompt_images} prompt images, float32, CPU "
           f"(measured memory bandwidth {bandwidth / 1e9:.0f} GB/s)")
@@ -160,7 +162,7 @@ def released_vqmodel():
                              lookup_from_codebook=True).eval()
 
 
-def bench_vqgan(batch=8, repeats=2):
+def bench_vqgan(batch=8, repeats=3):
     print(f"\n## vqgan: released config (146M params), batch {batch}, float32, CPU")
     vq = released_vqmodel()
     with tempfile.TemporaryDirectory() as folder:
