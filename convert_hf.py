@@ -43,13 +43,13 @@ def hf_config(config, dtype):
     }
 
 
-def to_hf(ckpt, out, dtype="bfloat16", shard_size=5 * 10 ** 9, overwrite=False):
+def to_hf(ckpt, out, dtype="bfloat16", shard_size=5 * 10 ** 9, overwrite=False, trust_unverified=False):
     """Our checkpoint -> HF folder: config.json and model.safetensors, or
     model-0000k-of-0000n.safetensors shards + model.safetensors.index.json above shard_size."""
-    formats.check_separate(ckpt, out)
+    formats.check_outputs([ckpt], [out])
     if formats.is_hf_folder(ckpt):
         raise ValueError(f"{ckpt}: a Hugging Face folder already; from-hf converts it to a model.py checkpoint")
-    config, tensors = formats.own_tensors(ckpt)  # config.json, checksums, every tensor against the config
+    config, tensors = formats.checkpoint_tensors(ckpt, trust_unverified)  # checksums, every tensor against the config
     shapes, reads = {name: shape for name, shape, _, _ in tensors}, {name: read for name, _, _, read in tensors}
     target = np.dtype(DTYPES[dtype])
 
@@ -93,7 +93,7 @@ def to_hf(ckpt, out, dtype="bfloat16", shard_size=5 * 10 ** 9, overwrite=False):
 def from_hf(folder, out, overwrite=False):
     """HF LlamaForCausalLM folder (single or sharded safetensors, any float dtype) -> our
     checkpoint, keeping the stored dtype. Each stacked tensor is read and written on its own."""
-    formats.check_separate(folder, out)
+    formats.check_outputs([folder], [out])
     if not formats.is_hf_folder(folder) and os.path.isfile(os.path.join(folder, "params.safetensors")):
         raise ValueError(f"{folder}: a model.py checkpoint already; to-hf converts it to a Hugging Face folder")
     config, entries = formats.hf_tensors(folder)
@@ -111,6 +111,7 @@ def main(argv=None):
     to.add_argument("out")
     to.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     to.add_argument("--shard_size", type=parse_size, default="5GB", help="e.g. 5GB, 500MB")
+    to.add_argument("--trust_unverified", action="store_true", help=formats.TRUST_HELP)
     back = commands.add_parser("from-hf", help="Hugging Face Llama folder -> model.py checkpoint")
     back.add_argument("hf_dir")
     back.add_argument("out")
@@ -120,7 +121,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         if args.command == "to-hf":
-            config = to_hf(args.ckpt, args.out, args.dtype, args.shard_size, args.overwrite)
+            config = to_hf(args.ckpt, args.out, args.dtype, args.shard_size, args.overwrite, args.trust_unverified)
         else:
             config = from_hf(args.hf_dir, args.out, args.overwrite)
     except (ValueError, OSError, KeyError) as e:

@@ -17,6 +17,7 @@ import pickle
 import re
 import shutil
 import struct
+import tempfile
 import zipfile
 from functools import partial
 
@@ -58,11 +59,42 @@ def check_output_dir(path, overwrite=False):
         raise ValueError(f"{path}: holds {foreign[:3]}, which this tool did not write; refusing to replace it")
 
 
-def check_separate(source, output):
-    """Refuse an output that is its input, or lies inside it, or contains it."""
-    a, b = os.path.realpath(source), os.path.realpath(output)
-    if a == b or b.startswith(a + os.sep) or a.startswith(b + os.sep):
-        raise ValueError(f"{output}: the output must not be the input {source}, lie inside it or contain it")
+def folders_above(path):
+    """The folders that hold `path`, innermost first, up to the root."""
+    parent = os.path.dirname(path)
+    while parent != path:
+        yield parent
+        path, parent = parent, os.path.dirname(parent)
+
+
+def check_outputs(inputs, outputs):
+    """The one rule for every tool that writes, checked before any work: no output is, lies inside
+    or contains one of the run's inputs (files or folders), and no two outputs are the same path or
+    one inside the other. ValueError naming both paths."""
+    sources = {os.path.realpath(p): p for p in inputs}
+    written = {}
+    for output in outputs:
+        real = os.path.realpath(output)
+        if real in written:
+            raise ValueError(f"{output}: two outputs of this run would be written there ({written[real]} and {output})")
+        written[real] = output
+    for real, output in written.items():
+        for above in (real, *folders_above(real)):
+            if above in sources:
+                raise ValueError(f"{output}: the output must not be the input {sources[above]}, lie inside it or contain it")
+            if above != real and above in written:
+                raise ValueError(f"{output}: lies inside {written[above]}, another output of this run")
+    for real, source in sources.items():
+        for above in folders_above(real):
+            if above in written:
+                raise ValueError(f"{written[above]}: the output must not be the input {source}, lie inside it or contain it")
+
+
+def make_output_dir(path):
+    """Create an output folder and write a probe file in it: an unwritable folder (read-only,
+    immutable, under a file) fails now with an OSError naming it, not after the work."""
+    os.makedirs(path, exist_ok=True)
+    tempfile.TemporaryFile(dir=path).close()
 
 
 def replace_dir(tmp, path):
@@ -112,27 +144,54 @@ def file_sha256(path):
 
 
 def write_checksums(folder):
-    """checksums.json: the sha256 of every .safetensors file of a checkpoint folder."""
+    """checksums.json: the sha256 of every other file of a checkpoint folder."""
     sums = {name: file_sha256(os.path.join(folder, name)) for name in sorted(os.listdir(folder))
-            if name.endswith(".safetensors")}
+            if name != "checksums.json"}
     with open(os.path.join(folder, "checksums.json"), "w") as f:
         json.dump(sums, f, indent=2)
 
 
-def verify_checksums(folder):
-    """A damaged weights file (bit rot, a truncated copy) is refused, not loaded."""
+TRUST_HINT = "pass --trust_unverified to load it anyway"
+TRUST_HELP = "load a checkpoint whose checksums.json is missing or does not list every file (an older or hand-made one)"
+
+
+def verify_checksums(folder, trust_unverified=False):
+    """A damaged file (bit rot, a truncated copy, an edit) is refused, not loaded. Every file this
+    project writes must be listed, so a missing or emptied checksums.json cannot turn the check
+    off; --trust_unverified loads such a folder (checking what is listed)."""
     listing = os.path.join(folder, "checksums.json")
     if not os.path.isfile(listing):
-        return
+        if trust_unverified:
+            return
+        raise ValueError(f"{folder}: no checksums.json, so its files cannot be verified; {TRUST_HINT}")
     try:
         with open(listing) as f:
             sums = dict(json.load(f))
     except (OSError, ValueError, TypeError) as e:
         raise ValueError(f"{listing}: unreadable ({e})") from None
+    unlisted = sorted(n for n in os.listdir(folder) if TOOL_FILES.fullmatch(n) and n != "checksums.json" and n not in sums)
+    if unlisted and not trust_unverified:
+        raise ValueError(f"{listing}: does not list {unlisted}, so they cannot be verified; {TRUST_HINT}")
     for name, expected in sums.items():
         path = os.path.join(folder, os.path.basename(str(name)))
         if not os.path.isfile(path) or file_sha256(path) != expected:
             raise ValueError(f"{path}: damaged (its sha256 does not match checksums.json)")
+
+
+def jsonl_objects(path):
+    """(line number, object) for each non-blank line of a jsonl file; ValueError naming the first
+    line that is not a JSON object."""
+    with open(path, "rb") as f:  # bytes: a binary file is a bad line, not a UnicodeDecodeError
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except (ValueError, RecursionError):
+                value = None
+            if not isinstance(value, dict):
+                raise ValueError(f"{path}:{number}: not a JSON object")
+            yield number, value
 
 
 def read_json_object(path):
@@ -152,19 +211,24 @@ def read_json_object(path):
 # tokens of a sentence are its images' 256 tokens each, one image after another.
 
 
+IMAGE_TOKENS = 256  # the VQGAN's 16 x 16 grid of codes
+
+
 def encode_line(tokens):
     return json.dumps({"tokens": base64.b64encode(np.asarray(tokens, "<i4").tobytes()).decode()}) + "\n"
 
 
-def decode_line(line, vocab=None):
+def decode_line(line, vocab=None, image_tokens=1):
     """-> int32 tokens of a jsonl line; ValueError saying what is wrong with it (not json, no base64
-    "tokens", no tokens at all, ids outside [0, vocab))."""
+    "tokens", no tokens at all, not whole images of image_tokens, ids outside [0, vocab))."""
     try:
         tokens = np.frombuffer(base64.b64decode(json.loads(line)["tokens"], validate=True), "<i4")
     except Exception as e:  # whatever the line holds (100,000 nested brackets raise RecursionError)
         raise ValueError(f'not a visual sentence ({{"tokens": base64 of int32}}): {type(e).__name__}: {e}') from None
     if tokens.size == 0:
         raise ValueError("no tokens")
+    if tokens.size % image_tokens:
+        raise ValueError(f"{tokens.size} tokens, not a whole number of images of {image_tokens}")
     if vocab is not None and (tokens.min() < 0 or tokens.max() >= vocab):
         raise ValueError(f"token ids {tokens.min()}..{tokens.max()} outside the vocabulary [0, {vocab})")
     return tokens.astype(np.int32)
@@ -263,9 +327,10 @@ def check_model_config(fields, where):
                        ("vocab", 2 ** 20), ("max_seq", 2 ** 20)):
         value = fields.get(name, getattr(model.Config, name, None))
         need(type(value) is int and 1 <= value <= high, f"{name} must be an integer in [1, {high}], got {value!r}")
-    for name in ("norm_eps", "rope_theta"):
-        value = fields.get(name, getattr(model.Config, name))
-        need(type(value) in (int, float) and value > 0, f"{name} must be a positive number, got {value!r}")
+    norm_eps, rope_theta = (fields.get(name, getattr(model.Config, name)) for name in ("norm_eps", "rope_theta"))
+    need(type(norm_eps) in (int, float) and 0 < norm_eps < 1, f"norm_eps must be a number in (0, 1), got {norm_eps!r}")
+    need(type(rope_theta) in (int, float) and 1 <= rope_theta <= 1e12,
+         f"rope_theta must be a number in [1, 1e12], got {rope_theta!r}")
     need(fields.get("dtype", "float32") in ("float32", "bfloat16"), "dtype must be float32 or bfloat16")
     need(isinstance(fields.get("remat", False), bool), "remat must be true or false")
     need(fields["hidden"] % fields["heads"] == 0 and fields["hidden"] // fields["heads"] % 2 == 0,
@@ -309,15 +374,35 @@ def tensor_headers(file):
         return {name: (tuple(f.get_slice(name).get_shape()), f.get_slice(name).get_dtype()) for name in f.keys()}
 
 
-def own_tensors(path):
+WEIGHT_DTYPES = ("F32", "BF16", "F16")
+
+
+def check_weight_dtypes(file, stored):
+    """stored {name: (shape, safetensors dtype)}: weights are floats; an int8 or bool tensor cast to
+    float32 would load and train as garbage."""
+    for name, (_, dtype) in stored.items():
+        if dtype not in WEIGHT_DTYPES:
+            raise ValueError(f"{file}: tensor {name} holds {dtype}; weights must be float32, bfloat16 or float16")
+
+
+def read_finite(what, read, index=None):
+    """A piece of a weight tensor, refused if it holds NaN or infinity."""
+    array = read(index)
+    if not np.isfinite(array).all():
+        raise ValueError(f"{what} holds NaN or infinite values")
+    return array
+
+
+def own_tensors(path, trust_unverified=False):
     config = read_config(path)
-    verify_checksums(path)
+    verify_checksums(path, trust_unverified)
     file = os.path.join(path, "params.safetensors")
     try:
         stored = tensor_headers(file)
     except Exception as e:
         raise ValueError(f"{path}: unreadable checkpoint ({e})") from None
     check_shapes(path, config, {name: shape for name, (shape, _) in stored.items()})
+    check_weight_dtypes(file, stored)
     return config, [(name, shape, NUMPY_DTYPES.get(dtype), partial(read_slice, file, name))
                     for name, (shape, dtype) in stored.items()]
 
@@ -345,24 +430,27 @@ def checkpoint_config(path):
         return config_from_hf(path, json.load(f))
 
 
-def checkpoint_tensors(path):
+def checkpoint_tensors(path, trust_unverified=False):
     """A model.py checkpoint or a Hugging Face LlamaForCausalLM folder (such as the released LVM 7B)
     -> (Config, [(our name, shape, stored dtype, read)]): read(index) returns that part of the
-    tensor (a tuple of slices; none = all of it), so a caller can hold one piece at a time."""
+    tensor (a tuple of slices; none = all of it), so a caller can hold one piece at a time. Every
+    piece read is checked to be finite."""
     path = str(path)
-    return hf_tensors(path) if is_hf_folder(path) else own_tensors(path)
+    config, entries = hf_tensors(path) if is_hf_folder(path) else own_tensors(path, trust_unverified)
+    return config, [(name, shape, dtype, partial(read_finite, f"{path}: tensor {name}", read))
+                    for name, shape, dtype, read in entries]
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, trust_unverified=False):
     """-> (Config, params as numpy arrays in their stored dtype)."""
-    config, entries = checkpoint_tensors(path)
+    config, entries = checkpoint_tensors(path, trust_unverified)
     return config, unflatten({name: read() for name, _, _, read in entries})
 
 
-def load_sharded(path, mesh, dtype=np.float32):
+def load_sharded(path, mesh, dtype=np.float32, trust_unverified=False):
     """-> (Config, params placed in their shards on `mesh` as `dtype`): every device's piece is read
     from the files straight into place, so host memory holds one piece at a time, never the model."""
-    config, entries = checkpoint_tensors(path)
+    config, entries = checkpoint_tensors(path, trust_unverified)
     shardings = dict(flatten(model.param_shardings(config, mesh)))
     return config, unflatten({name: jax.make_array_from_callback(
         shape, shardings[name], lambda index, read=read: np.asarray(read(index), dtype)) for name, shape, _, read in entries})
@@ -499,9 +587,8 @@ def hf_tensors(folder):
         return np.stack([piece(f"model.layers.{i}.{hf_name}", transpose, index[1:])
                          for i in range(config.layers)[index[0]]])
 
-    dtype = NUMPY_DTYPES.get(stored[HF_NAMES["embed"][0]][1])
-    if dtype is None:
-        raise ValueError(f"{folder}: weights in {stored[HF_NAMES['embed'][0]][1]}; float32, bfloat16 or float16 expected")
+    check_weight_dtypes(folder, stored)
+    dtype = NUMPY_DTYPES[stored[HF_NAMES["embed"][0]][1]]
     return config, [(name, s.shape, dtype, partial(read, name)) for name, s in expected.items()]
 
 

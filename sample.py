@@ -11,7 +11,6 @@ CKPT is a train.py / convert_hf.py checkpoint or a Hugging Face Llama folder (th
 """
 import argparse
 import dataclasses
-import json
 import os
 import time
 from functools import partial
@@ -85,12 +84,12 @@ def generate(params, config, prompt, new_images, candidates, context_images, sam
     return sequence[:, len(prompt):]
 
 
-def load_model(path, dtype, context_images, codes):
+def load_model(path, dtype, context_images, codes, trust_unverified=False):
     """A checkpoint, a Hugging Face folder, or a train.py run folder (its newest checkpoint)."""
     newest = formats.newest_checkpoint(path)
     if newest != path:
         print(f"using the newest checkpoint of the run: {newest}")
-    config, params = formats.load_checkpoint(newest)
+    config, params = formats.load_checkpoint(newest, trust_unverified)
     if config.vocab < codes:
         raise ValueError(f"{path}: vocab {config.vocab} cannot hold the VQGAN's {codes} codes")
     if context_images * vqgan.TOKENS_PER_IMAGE > config.max_seq:
@@ -109,24 +108,17 @@ def resolve(base, path):
 def read_jobs(path, keys):
     """Lines of a jsonl job file with the given keys; paths relative to the file's folder."""
     jobs = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                job = json.loads(line)
-            except ValueError:
-                job = None
-            if not isinstance(job, dict) or not all(k in job for k in keys):
-                raise ValueError(f"{path}:{number}: expected a json object with {keys}")
-            lists = [k for k in keys if k != "output"]  # input / target: lists of image paths
-            if not all(isinstance(job[k], list) and job[k] and all(isinstance(p, str) for p in job[k]) for k in lists):
-                raise ValueError(f"{path}:{number}: {' and '.join(lists)} must each be a non-empty list of image paths")
-            if "output" in keys and not isinstance(job["output"], str):
-                raise ValueError(f"{path}:{number}: output must be an image path")
-            base = os.path.dirname(os.path.abspath(path))
-            jobs.append((number, {k: resolve(base, job[k]) if k == "output" else [resolve(base, p) for p in job[k]]
-                                  for k in keys}))
+    for number, job in formats.jsonl_objects(path):
+        if not all(k in job for k in keys):
+            raise ValueError(f"{path}:{number}: expected a json object with {keys}")
+        lists = [k for k in keys if k != "output"]  # input / target: lists of image paths
+        if not all(isinstance(job[k], list) and job[k] and all(isinstance(p, str) for p in job[k]) for k in lists):
+            raise ValueError(f"{path}:{number}: {' and '.join(lists)} must each be a non-empty list of image paths")
+        if "output" in keys and not isinstance(job["output"], str):
+            raise ValueError(f"{path}:{number}: output must be an image path")
+        base = os.path.dirname(os.path.abspath(path))
+        jobs.append((number, {k: resolve(base, job[k]) if k == "output" else [resolve(base, p) for p in job[k]]
+                              for k in keys}))
     return jobs
 
 
@@ -158,7 +150,7 @@ def draw_from_folder(args, params, config, vq_params, vq_config, sampling):
                             jax.random.key(args.seed))  # (candidates, new_images, 256)
     drawn = vqgan.decode(vq_params, vq_config, tokens.reshape(-1, vqgan.TOKENS_PER_IMAGE)).reshape(
         *tokens.shape[:2], vqgan.IMAGE_SIZE, vqgan.IMAGE_SIZE, 3)
-    os.makedirs(args.out, exist_ok=True)
+    formats.make_output_dir(args.out)
     for c, row in enumerate(drawn):
         for k, image in enumerate(row):
             vqgan.save_image(os.path.join(args.out, f"candidate{c}_image{k}.png"), image)
@@ -166,10 +158,24 @@ def draw_from_folder(args, params, config, vq_params, vq_config, sampling):
     print(f"wrote {drawn.shape[0] * drawn.shape[1]} images and grid.png to {args.out}")
 
 
-def draw_batch(args, params, config, vq_params, vq_config, sampling):
+def checked_jobs(args):
+    """The --batch jobs, or None; before any work, no output may be an input of the run (the jobs
+    file, a prompt image of any line, the model folders), and no two lines write the same file."""
+    models = [args.ckpt, args.vqgan]
+    if args.prompt:
+        formats.check_outputs([args.prompt, *models], [args.out])
+    if not args.batch:
+        return None
+    jobs = read_jobs(args.batch, ("input", "output"))
+    formats.check_outputs([args.batch, *models, *(path for _, job in jobs for path in job["input"])],
+                          [job["output"] for _, job in jobs])
+    return jobs
+
+
+def draw_batch(args, jobs, params, config, vq_params, vq_config, sampling):
     """--batch FILE: one image per line {input, output}; a line whose images do not load is skipped."""
     key, compiled_lengths = jax.random.key(args.seed), set()  # a prompt of a new length compiles once
-    for number, job in read_jobs(args.batch, ("input", "output")):
+    for number, job in jobs:
         try:
             _, prompt = prompt_tokens(job["input"], vq_params, vq_config, args.context)
         except ValueError as e:
@@ -227,17 +233,19 @@ def main(argv=None):
                    default="float32" if jax.default_backend() == "cpu" else "bfloat16")
     p.add_argument("--perplexity", help="jsonl of {input, target} image lists: report perplexity")
     p.add_argument("--batch", help="jsonl of {input, output}: draw one image per line")
+    p.add_argument("--trust_unverified", action="store_true", help=formats.TRUST_HELP)
     args = p.parse_args(argv)
     if sum(bool(x) for x in (args.prompt, args.perplexity, args.batch)) != 1:
         p.error("give exactly one of --prompt, --perplexity, --batch")
     try:
+        jobs = checked_jobs(args)
         vq_params, vq_config = vqgan.load_vqgan(args.vqgan)
         codes = min(vq_config.num_embeddings, model.IMAGE_CODES)
-        config, params = load_model(args.ckpt, args.dtype, args.context, codes)
+        config, params = load_model(args.ckpt, args.dtype, args.context, codes, args.trust_unverified)
         if args.perplexity:
             return perplexity(args, params, config, vq_params, vq_config)
-        draw = draw_batch if args.batch else draw_from_folder
-        draw(args, model.inference_params(params), config, vq_params, vq_config,
+        draw = partial(draw_batch, args, jobs) if args.batch else partial(draw_from_folder, args)
+        draw(model.inference_params(params), config, vq_params, vq_config,
              Sampling(args.temperature, args.top_k, args.top_p, codes))
     except (ValueError, OSError) as e:
         p.exit(1, f"error: {e}\n")

@@ -14,6 +14,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 import zipfile
 
 import diffusers
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import safetensors.numpy
 import torch
 import transformers
 from PIL import Image
@@ -260,6 +262,7 @@ def test_checkpoint_without_config_or_with_another_config_is_refused(tmp_path):
         formats.load_checkpoint(tmp_path)
     other = dataclasses.replace(DEBUG, hidden=64)
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(dataclasses.asdict(other)))
+    formats.write_checksums(tmp_path / "ckpt")  # consistent files that disagree: the shapes must catch it
     with pytest.raises(ValueError, match=r"embed is \(8292, 128\) in the file, the config implies \(8292, 64\)"):
         formats.load_checkpoint(tmp_path / "ckpt")
 
@@ -282,7 +285,7 @@ def test_load_sharded_places_every_piece_as_load_checkpoint_reads_it(tmp_path, d
 
 def test_damaged_weights_are_refused_by_their_checksum(tmp_path):
     formats.save_checkpoint(tmp_path / "ckpt", DEBUG, model.init_params(DEBUG, jax.random.key(1)))
-    assert set(json.loads((tmp_path / "ckpt" / "checksums.json").read_text())) == {"params.safetensors"}
+    assert set(json.loads((tmp_path / "ckpt" / "checksums.json").read_text())) == {"config.json", "params.safetensors"}
     weights = tmp_path / "ckpt" / "params.safetensors"
     data = bytearray(weights.read_bytes())
     data[len(data) // 2:len(data) // 2 + 4096] = bytes(4096)  # 4 KB of bit rot inside the tensors
@@ -917,7 +920,7 @@ def test_tokenize_output_never_overwrites_an_input(tmp_path, tiny_vqgan, capsys)
     for argv, message in [(["colorization", "--input", folder, "--output", os.path.join(folder, "cat.jpg"), *vq],
                            "give a name ending in .jsonl"),
                           (["show", "--input", lines, "--output", lines, *vq], "give a name ending in .png"),
-                          (["mix", "--input", lines, "--output", lines], "is also an --input")]:
+                          (["mix", "--input", lines, "--output", lines], "must not be the input")]:
         with pytest.raises(SystemExit):
             tokenize_data.main(argv)
         assert message in capsys.readouterr().err
@@ -979,7 +982,7 @@ def copy_corpus(path, lines=400, seed=0):
 def train_args(data, out, *extra):
     return ["--size", "debug", "--data", data, "--out", str(out), "--batch_size", "8", "--accum", "1",
             "--seq_len", "64", "--warmup", "5", "--decay_steps", "40", "--lr", "3e-3", "--end_lr", "3e-4",
-            "--dtype", "float32", "--remat", "off", "--log_every", "1", *extra]
+            "--dtype", "float32", "--remat", "off", "--log_every", "1", "--image_tokens", "32", *extra]
 
 
 def read_metrics(out):
@@ -1257,7 +1260,7 @@ def finetune_args(data, out, init, steps, *extra):
     return ["--init", str(init), "--data", data, "--out", str(out), "--batch_size", "2", "--accum", "2",
             "--seq_len", "32", "--steps", str(steps), "--warmup", "3", "--decay_steps", "10", "--lr", "1e-2",
             "--end_lr", "1e-3", "--clip", "1", "--weight_decay", "0.1", "--dtype", "float32", "--log_every", "1",
-            "--mesh", "1,2,4", *extra]
+            "--mesh", "1,2,4", "--image_tokens", "4", *extra]
 
 
 def test_init_from_hf_folder_follows_transformers_and_torch_adamw(tmp_path, capsys):
@@ -1571,6 +1574,7 @@ def test_configs_must_agree_with_the_tensors(tmp_path, capsys):
             formats.save_checkpoint(source, DEBUG, params)
             fields = json.loads((source / "config.json").read_text())
             (source / "config.json").write_text(json.dumps({**fields, **change}))
+            formats.write_checksums(source)  # as if written so: the checks behind the checksums must catch it
         else:
             source = tmp_path / f"hf{k}"
             shutil.copytree(tmp_path / "hf", source)
@@ -1777,7 +1781,7 @@ def test_prompts_and_score_against_the_baselines(tmp_path, capsys):
 def test_prompts_per_task_zero_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         world.main(["prompts", "--out", str(tmp_path), "--per_task", "0"])
-    assert exit_info.value.code == 2 and "--per_task must be at least 1" in capsys.readouterr().err
+    assert exit_info.value.code == 2 and "--per_task must be in [1, 10000], got 0" in capsys.readouterr().err
 
 
 def test_toy_stages_with_missing_input_stop_with_one_line_naming_it(tmp_path, capsys):
@@ -1844,10 +1848,10 @@ def test_objects_are_drawn_in_whole_tokens():
 
 
 def test_toy_pipeline_smoke_run_hands_each_stage_what_the_next_needs(tmp_path):
-    result = subprocess.run(["bash", os.path.join(HERE, "examples", "toy", "run.sh"), str(tmp_path / "toy"), "--smoke"],
+    out = tmp_path / "toy world"  # a space in the path: every stage quotes it
+    result = subprocess.run(["bash", os.path.join(HERE, "examples", "toy", "run.sh"), str(out), "--smoke"],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    out = tmp_path / "toy"
     assert len(list((out / "data" / "clips").iterdir())) == 2 and len(list((out / "data" / "shift" / "y").iterdir())) == 4
     _, vq_config = vqgan.load_vqgan(out / "vqgan")
     lines = [np.frombuffer(base64.b64decode(json.loads(line)["tokens"]), "<i4") for line in open(out / "tokens" / "dataset.jsonl")]
@@ -1865,8 +1869,301 @@ def test_toy_pipeline_smoke_run_hands_each_stage_what_the_next_needs(tmp_path):
     assert rerun.returncode == 0 and "wrote" not in rerun.stdout.split("== 7/7")[0]  # complete stages are skipped
 
 
+def test_toy_pipeline_stops_at_the_first_failing_stage(tmp_path):
+    (tmp_path / "toy").mkdir()
+    (tmp_path / "toy" / "data").write_text("a file where the world is rendered")
+    result = subprocess.run(["bash", os.path.join(HERE, "examples", "toy", "run.sh"), str(tmp_path / "toy"), "--smoke"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1 and "1/7 render" in result.stdout and "2/7" not in result.stdout
+    assert result.stderr.strip().splitlines()[-1].startswith("error: ") and "Not a directory" in result.stderr
+
+
 @pytest.mark.parametrize("argv, message", [([], "usage: bash examples/toy/run.sh OUT"),
                                            (["/proc/toy"], "/proc/toy: cannot write there")])
 def test_toy_pipeline_bad_arguments(argv, message):
     result = subprocess.run(["bash", os.path.join(HERE, "examples", "toy", "run.sh"), *argv], capture_output=True, text=True)
     assert result.returncode != 0 and message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input, round 3: outputs never touch inputs, one trainer per run folder, bounded images,
+# everything read back on resume verified, weights checked for what they hold
+
+
+def test_vqgan_outputs_never_replace_the_input_images_or_collide(tmp_path, tiny_vqgan, capsys):
+    folder = photo_folder(tmp_path, {"a.jpg": PHOTOS[1], "b.jpg": PHOTOS[2]})
+    shutil.copy(PHOTOS[3], tmp_path / "photos" / "a.png")
+    before = tree_bytes(tmp_path)
+    images = [os.path.join(folder, name) for name in ("a.jpg", "b.jpg")]
+    for argv, message in [([*images, "--out", folder], "must not be the input"),
+                          ([os.path.join(folder, "a.png"), "--out", folder], "must not be the input"),
+                          ([images[0], "--out", tiny_vqgan[0]], "must not be the input"),
+                          ([images[0], os.path.join(folder, "a.png"), "--out", str(tmp_path / "o")],
+                           "two outputs of this run would be written there")]:
+        with pytest.raises(SystemExit) as exit_info:
+            vqgan.main([*argv, "--vqgan", tiny_vqgan[0]])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 1 and message in err and len(err.strip().splitlines()) == 1, err
+    assert tree_bytes(tmp_path) == before and not (tmp_path / "o").exists()
+
+
+def test_sample_outputs_never_replace_a_prompt_or_the_jobs_file(tmp_path, tiny_vqgan, capsys):
+    _, folder = hf_with_vqgan(tmp_path)
+    prompt = photo_folder(tmp_path, {"img1.jpg": PHOTOS[0], "img2.jpg": PHOTOS[1]}, "prompt")
+    shutil.copy(PHOTOS[2], tmp_path / "prompt" / "grid.png")  # the user's own file, named as our output
+    jobs = tmp_path / "jobs.jsonl"
+    common = ["--ckpt", folder, "--vqgan", tiny_vqgan[0]]
+    capsys.readouterr()
+    cases = [([{"input": ["prompt/img1.jpg"], "output": "a.png"}, {"input": ["a.png"], "output": "b.png"}],
+              "must not be the input"),
+             ([{"input": ["prompt/img1.jpg"], "output": "jobs.jsonl"}], "must not be the input"),
+             ([{"input": ["prompt/img1.jpg"], "output": "a.png"}, {"input": ["prompt/img2.jpg"], "output": "./a.png"}],
+              "two outputs of this run would be written there")]
+    for lines, message in cases:
+        jobs.write_text("".join(json.dumps(line) + "\n" for line in lines))
+        shutil.copy(PHOTOS[3], tmp_path / "a.png")  # an image of the user's that a line prompts with
+        before = tree_bytes(tmp_path)
+        with pytest.raises(SystemExit):
+            sample.main([*common, "--batch", str(jobs), "--temperature", "0"])
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
+        assert tree_bytes(tmp_path) == before
+    for out in (prompt, os.path.join(prompt, "answers"), folder):
+        with pytest.raises(SystemExit):
+            sample.main([*common, "--prompt", prompt, "--out", out])
+        assert "must not be the input" in capsys.readouterr().err
+    assert tree_bytes(tmp_path) == before
+
+
+def train_command(data, out, *extra):
+    return [sys.executable, "train.py", *train_args(data, out, *extra)]
+
+
+def test_a_second_trainer_on_the_same_run_folder_stops_at_once(tmp_path):
+    data = copy_corpus(tmp_path / "copy.jsonl", lines=50)
+    run = tmp_path / "run"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1", "JAX_PLATFORMS": "cpu"}
+    first = subprocess.Popen(train_command(data, run, "--steps", "100000", "--save_every", "100000", "--mesh", "1,1,1",
+                                           "--log_every", "1000"), cwd=HERE, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(600):  # the lock is taken once the data is read, before compiling
+            if (run / "train.lock").is_file() and (run / "train.lock").read_text().strip() == str(first.pid):
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("the first trainer never took the lock")
+        second = subprocess.run(train_command(data, run, "--steps", "2", "--seed", "1", "--mesh", "1,1,1"), cwd=HERE,
+                                env=env, capture_output=True, text=True, timeout=300)
+        assert second.returncode == 1 and first.poll() is None
+        assert second.stderr.strip() == (f"error: {run}: another train.py (PID {first.pid}) is training in this run "
+                                         f"folder; wait for it to end, or choose another --out")
+    finally:
+        first.kill()  # SIGKILL: no cleanup, the lock file stays behind
+        first.wait()
+    assert (run / "train.lock").is_file()
+    train.main(train_args(data, run, "--steps", "2", "--save_every", "2"))  # the stale lock is taken over
+    assert [m["step"] for m in read_metrics(run)] == [1, 2] and not (run / "train.lock").exists()
+
+
+def test_images_over_the_decompression_bomb_limit_are_refused_and_large_ones_reduced_first(tmp_path, monkeypatch,
+                                                                                          tiny_vqgan, capsys):
+    big = np.random.default_rng(0).integers(0, 65536, (3000, 2100), dtype=np.uint16)
+    Image.fromarray(big).save(tmp_path / "big16.png")
+    direct = np.asarray(Image.fromarray((big / 65535 * 255 + 0.5).astype(np.uint8)).convert("RGB")
+                        .resize((256, 256)), np.float32) / 255  # the whole image resized: the reference
+    loaded = vqgan.load_image(tmp_path / "big16.png")
+    assert loaded.shape == (256, 256, 3) and np.abs(loaded - direct).mean() < 0.02
+    folder = photo_folder(tmp_path, {"cat.jpg": PHOTOS[1], "coffee.jpg": PHOTOS[2]})
+    Image.new("RGB", (700, 600)).save(os.path.join(folder, "bomb.png"))
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 600 * 600)  # 700 x 600 is over it, and under PIL's error at 2x
+    with pytest.raises(ValueError, match="bomb.png: not a readable image .*700x600 pixels, over PIL's decompression-bomb"):
+        vqgan.load_image(os.path.join(folder, "bomb.png"))
+    tokenize_data.main(["colorization", "--input", folder, "--output", str(tmp_path / "c.jsonl"), "--vqgan",
+                        tiny_vqgan[0], "--shots", "1", "--workers", "2"])
+    assert len(read_sentences(tmp_path / "c.jsonl")) == 2
+    assert "skipped 1 unreadable images" in capsys.readouterr().out
+
+
+def saved_run(tmp_path, steps=4, save_every=2):
+    data = copy_corpus(tmp_path / "copy.jsonl", lines=50)
+    train.main(train_args(data, tmp_path / "run", "--steps", str(steps), "--save_every", str(save_every)))
+    return data, tmp_path / "run"
+
+
+def test_a_train_state_that_is_edited_or_out_of_range_falls_back_to_the_previous_checkpoint(tmp_path, capsys):
+    data, run = saved_run(tmp_path)
+    newest = run / "step_00000004"
+    state = json.loads((newest / "train_state.json").read_text())
+    size = os.path.getsize(data)
+    cases = [({"data_skip": 10 ** 10}, True, "data_skip 10000000000 is outside the"),
+             ({"step": -5}, True, "step -5 is not the step of its folder"),
+             ({"data_offset": -3}, True, "data_offset -3 is not the start of a visual sentence"),
+             ({"data_offset": size + 10}, True, f"data_offset {size + 10} is not the start"),
+             ({"data_offset": 5}, True, "data_offset 5 is not the start"),
+             ({"data_skip": 1.5}, True, "must be integers"),
+             ({"data_skip": 3}, False, "train_state.json: damaged (its sha256 does not match")]
+    for change, rewrite_checksums, message in cases:
+        backup = tmp_path / "backup"
+        shutil.copytree(run, backup)
+        (newest / "train_state.json").write_text(json.dumps({**state, **change}))
+        if rewrite_checksums:
+            formats.write_checksums(newest)
+        capsys.readouterr()
+        train.main(train_args(data, run, "--steps", "5", "--save_every", "100"))
+        out = capsys.readouterr().out
+        assert f"warning: {newest} is damaged" in out and message in out, (change, out)
+        assert f"resuming from {run / 'step_00000002'} (step 2)" in out
+        shutil.rmtree(run)
+        backup.rename(run)
+
+
+def test_checkpoints_without_a_full_checksum_listing_need_trust_unverified(tmp_path, capsys):
+    data, run = saved_run(tmp_path, steps=2)
+    ckpt = run / "step_00000002"
+    for listing in (None, "{}", json.dumps({"params.safetensors": formats.file_sha256(ckpt / "params.safetensors")})):
+        if listing is None:
+            (ckpt / "checksums.json").unlink()
+        else:
+            (ckpt / "checksums.json").write_text(listing)
+        with pytest.raises(ValueError, match="cannot be verified; pass --trust_unverified to load it anyway"):
+            formats.load_checkpoint(ckpt)
+        assert formats.load_checkpoint(ckpt, trust_unverified=True)[0] == DEBUG
+        with pytest.raises(SystemExit):
+            convert_hf.main(["to-hf", str(ckpt), str(tmp_path / "hf")])
+        assert "--trust_unverified" in capsys.readouterr().err and not (tmp_path / "hf").exists()
+        with pytest.raises(SystemExit, match="every checkpoint in .* is damaged"):
+            train.main(train_args(data, run, "--steps", "3"))
+        assert "--trust_unverified" in capsys.readouterr().out
+    train.main(train_args(data, run, "--steps", "3", "--save_every", "3", "--trust_unverified"))
+    assert "resuming from" in capsys.readouterr().out and formats.run_checkpoints(run)[-1].endswith("step_00000003")
+
+
+def test_weights_must_be_finite_floats_and_configs_in_range(tmp_path, capsys):
+    params = jax.tree.map(np.asarray, model.init_params(DEBUG, jax.random.key(1)))
+    for name, array, message in [("int8", params["embed"].astype(np.int8), "tensor embed holds I8; weights must be float"),
+                                 ("bool", params["embed"] > 0, "tensor embed holds BOOL"),
+                                 ("nan", np.where(np.arange(params["embed"].size).reshape(params["embed"].shape) == 7,
+                                                  np.nan, params["embed"]).astype(np.float32),
+                                  "tensor embed holds NaN or infinite values")]:
+        folder = tmp_path / name
+        folder.mkdir()
+        flat = {k: v for k, v in formats.flatten({**params, "embed": array})}
+        safetensors.numpy.save_file(flat, str(folder / "params.safetensors"))
+        (folder / "config.json").write_text(json.dumps(dataclasses.asdict(DEBUG)))
+        formats.write_checksums(folder)
+        with pytest.raises(ValueError, match=message):
+            formats.load_checkpoint(folder)
+        with pytest.raises(SystemExit):
+            convert_hf.main(["to-hf", str(folder), str(tmp_path / f"{name}_hf")])
+        assert message.split(";")[0] in capsys.readouterr().err and not (tmp_path / f"{name}_hf").exists()
+        with pytest.raises(SystemExit, match=message):
+            train.main(finetune_args(copy_corpus(tmp_path / "copy.jsonl", lines=20), tmp_path / f"{name}_run", folder, 2))
+    hf = hf_llama(DEBUG)
+    layer = hf.model.layers[1].mlp.up_proj
+    layer.weight = torch.nn.Parameter(layer.weight.detach().to(torch.int8), requires_grad=False)
+    hf.save_pretrained(tmp_path / "hf_int8")
+    with pytest.raises(ValueError, match="model.layers.1.mlp.up_proj.weight holds I8"):
+        formats.load_checkpoint(tmp_path / "hf_int8")
+    for field, value, message in [("norm_eps", math.inf, "norm_eps must be a number in (0, 1), got inf"),
+                                  ("norm_eps", 1.5, "norm_eps must be a number in (0, 1)"),
+                                  ("rope_theta", 1e-300, "rope_theta must be a number in [1, 1e12], got 1e-300"),
+                                  ("rope_theta", math.nan, "rope_theta must be a number in")]:
+        formats.save_checkpoint(tmp_path / field, DEBUG, params, overwrite=True)
+        (tmp_path / field / "config.json").write_text(json.dumps({**dataclasses.asdict(DEBUG), field: value}))
+        formats.write_checksums(tmp_path / field)
+        with pytest.raises(ValueError) as error:
+            formats.load_checkpoint(tmp_path / field)
+        assert message in str(error.value)
+
+
+def test_a_step_that_makes_the_weights_non_finite_stops_before_saving(tmp_path):
+    data = copy_corpus(tmp_path / "copy.jsonl", lines=30)
+    with pytest.raises(SystemExit, match=r"loss is [\d.]+, gradient norm [\d.]+, weights not finite at step 1; "
+                                         r"stopping. The last good checkpoint is \(none\)"):
+        train.main(train_args(data, tmp_path / "run", "--steps", "3", "--save_every", "1", "--warmup", "0",
+                              "--lr", "1e39", "--end_lr", "1e39"))
+    assert formats.run_checkpoints(tmp_path / "run") == []
+
+
+def test_lines_of_partial_images_or_foreign_ids_are_skipped_by_train_and_mix(tmp_path, capsys):
+    good = [np.full(256, i) for i in range(3)]
+    path = write_jsonl(tmp_path / "data.jsonl", [good[0], np.arange(300), good[1], np.array([-1] * 256),
+                                                 np.full(256, 9000), good[2]])
+    warnings = []
+    stream = train.TokenStream(path, rows=1, seq_len=255, vocab=8292, on_bad_line=warnings.append, image_tokens=256)
+    np.testing.assert_array_equal(stream.next_batch()[0].ravel(), good[0][:255])
+    stream.next_batch(), stream.next_batch()
+    assert stream.bad_lines == 3 and "300 tokens, not a whole number of images of 256" in warnings[0]
+    tokenize_data.main(["mix", "--input", path, "--output", str(tmp_path / "mixed.jsonl")])
+    assert "dropped 3 malformed lines" in capsys.readouterr().out
+    assert sorted(int(s[0, 0]) for s in read_sentences(tmp_path / "mixed.jsonl")) == [0, 1, 2]
+
+
+def test_a_clip_with_an_unreadable_frame_is_split_at_the_gap(tmp_path, tiny_vqgan, capsys):
+    clip = photo_folder(tmp_path, {"f0.jpg": PHOTOS[0], "f2.jpg": PHOTOS[2], "f3.jpg": PHOTOS[3]}, "clip")
+    (tmp_path / "clip" / "f1.jpg").write_bytes(b"not a jpeg")
+    tokenize_data.main(["sequence", "--input", clip, "--output", str(tmp_path / "s.jsonl"), "--vqgan", tiny_vqgan[0],
+                        "--frames", "2"])
+    frames = [vqgan.load_image(PHOTOS[i]) for i in (2, 3)]
+    [sentence] = read_sentences(tmp_path / "s.jsonl")
+    np.testing.assert_array_equal(sentence, reference_tokens(tiny_vqgan, frames))  # f2, f3: never f0, f2
+    assert "1 clips have unreadable frames: their sentences stop at each gap" in capsys.readouterr().out
+
+
+def test_unwritable_outputs_and_files_in_the_way_give_one_line(tmp_path, tiny_vqgan, capsys):
+    data = copy_corpus(tmp_path / "copy.jsonl", lines=20)
+    (tmp_path / "file").write_text("a file, not a folder")
+    for out, message in [(tmp_path / "file" / "run", "Not a directory"), ("/proc/lvm_run", "/proc/lvm_run")]:
+        with pytest.raises(SystemExit) as exit_info:
+            train.main(train_args(data, out, "--steps", "2"))
+        assert message in str(exit_info.value.code) and "\n" not in str(exit_info.value.code)
+        with pytest.raises(SystemExit):
+            vqgan.main([PHOTOS[0], "--vqgan", tiny_vqgan[0], "--out", str(out)])
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "step_00000002").write_text("in the way")
+    with pytest.raises(SystemExit, match=r"step_00000002: not a folder, where train.py saves its checkpoints"):
+        train.main(train_args(data, tmp_path / "run", "--steps", "2"))
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()
+    (tmp_path / "run" / "step_00000002").unlink()
+    (tmp_path / "run" / "metrics.jsonl").mkdir()  # a folder where the metrics go: fails at the first log
+    with pytest.raises(SystemExit, match="metrics.jsonl: Is a directory"):
+        train.main(train_args(data, tmp_path / "run", "--steps", "2"))
+
+
+def test_tokenize_takes_any_file_name_and_show_names_a_binary_file(tmp_path, tiny_vqgan, capsys):
+    folder = photo_folder(tmp_path, {"cat.jpg": PHOTOS[1]})
+    shutil.copy(PHOTOS[2], os.path.join(os.fsencode(folder), b"caf\xe9.jpg"))  # Latin-1, not UTF-8
+    tokenize_data.main(["inpainting", "--input", folder, "--output", str(tmp_path / "i.jsonl"), "--vqgan",
+                        tiny_vqgan[0], "--shots", "2"])
+    assert len(read_sentences(tmp_path / "i.jsonl")) == 1
+    (tmp_path / "binary.jsonl").write_bytes(bytes(range(256)) * 4)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        tokenize_data.main(["show", "--input", str(tmp_path / "binary.jsonl"), "--output", str(tmp_path / "x.png"),
+                            "--vqgan", tiny_vqgan[0]])
+    err = capsys.readouterr().err
+    assert "binary.jsonl: line 0: not a visual sentence" in err and len(err.strip().splitlines()) == 1
+
+
+def test_toy_world_bad_prompts_and_answers_give_one_line(tmp_path, capsys):
+    for argv, message in [(["render", "--out", str(tmp_path / "d"), "--frames", "100000000"], "--frames must be in [1, 1000]"),
+                          (["prompts", "--out", str(tmp_path / "p"), "--context_frames", "1"], "--context_frames must be in [2, 15]")]:
+        with pytest.raises(SystemExit) as exit_info:
+            world.main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    world.main(["prompts", "--out", str(tmp_path / "p"), "--per_task", "1"])
+    jobs = tmp_path / "p" / "jobs.jsonl"
+    first = json.loads(jobs.read_text().splitlines()[0])
+    (tmp_path / "p" / "answers").mkdir()
+    (tmp_path / "p" / first["output"]).write_text("not a png")
+    for text, message in [(jobs.read_text(), f"{tmp_path / 'p' / first['output']}: not a readable image"),
+                          ("garbage\n", "jobs.jsonl:1: not a JSON object"),
+                          (json.dumps({**first, "input": first["input"][:1]}) + "\n", "jobs.jsonl:1: not a prompt line")]:
+        jobs.write_text(text)
+        with pytest.raises(SystemExit) as exit_info:
+            world.main(["score", str(tmp_path / "p")])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 1 and message in err and len(err.strip().splitlines()) == 1, err

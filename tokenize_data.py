@@ -20,6 +20,7 @@ Each batch of images is split over every local device (raise --batch_size with t
 import argparse
 import collections
 import concurrent.futures
+import itertools
 import os
 import time
 import zlib
@@ -28,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 import formats
+import model
 import vqgan
 
 VIDEO_EXTENSIONS = {".mp4", ".avi", ".mov", ".mkv", ".webm"}
@@ -62,7 +64,7 @@ def mask_image(image, rng):
 def image_rng(seed, name):
     """The random stream of one image: from its name, so outputs do not depend on worker timing or
     on which --shard the image fell in."""
-    return np.random.default_rng([seed, zlib.crc32(name.encode())])
+    return np.random.default_rng([seed, zlib.crc32(os.fsencode(name))])  # any file name, UTF-8 or not
 
 
 def my_share(units, args):
@@ -161,11 +163,14 @@ def list_classes(args):
 
 
 def clip_sentences(clips, readable, frames):
-    """Consecutive windows of `frames` readable frames of each clip."""
+    """Consecutive windows of `frames` frames of each clip, never across an unreadable frame: the
+    frames on either side of a gap are not a video."""
     sentences = []
     for clip in clips:
-        usable = [i for i in clip if readable[i]]
-        sentences += [usable[s:s + frames] for s in range(0, len(usable) - frames + 1, frames)]
+        for usable, run in itertools.groupby(clip, key=lambda i: readable[i]):
+            run = list(run)
+            if usable:
+                sentences += [run[s:s + frames] for s in range(0, len(run) - frames + 1, frames)]
     return sentences
 
 
@@ -248,11 +253,9 @@ def encode_images(sources, params, config, tokens_file, args):
 
 
 def read_sentence(line):
-    """A jsonl line -> its tokens, (images, 256); ValueError unless it holds whole images."""
-    tokens = formats.decode_line(line)
-    if tokens.size % vqgan.TOKENS_PER_IMAGE:
-        raise ValueError(f"{tokens.size} tokens, not a multiple of {vqgan.TOKENS_PER_IMAGE} (whole images)")
-    return tokens.reshape(-1, vqgan.TOKENS_PER_IMAGE)
+    """A jsonl line -> its tokens, (images, 256); ValueError unless it holds whole images of ids in
+    LVM's vocabulary."""
+    return formats.decode_line(line, model.Config.vocab, vqgan.TOKENS_PER_IMAGE).reshape(-1, vqgan.TOKENS_PER_IMAGE)
 
 
 def write_lines(path, lines):
@@ -297,6 +300,9 @@ def make_sentences(args):
         if os.path.exists(tokens_file):
             os.remove(tokens_file)
     print(f"wrote {count} sentences ({sum(map(len, sentences)) * vqgan.TOKENS_PER_IMAGE} tokens) to {args.output}")
+    gapped = sum(not readable[clip].all() for clip in groups) if args.kind == "sequence" else 0
+    if gapped:
+        print(f"{gapped} clips have unreadable frames: their sentences stop at each gap, none spans one")
     if bad:
         print(f"skipped {len(bad)} unreadable images: {', '.join(bad[:20])}{' ...' if len(bad) > 20 else ''}")
 
@@ -339,7 +345,7 @@ def mix(args):
 
 def show(args):
     """Decode line --line of a jsonl back to images, as one grid PNG."""
-    with open(args.input[0]) as f:
+    with open(args.input[0], "rb") as f:  # a binary file is a malformed line, not a UnicodeDecodeError
         for number, line in enumerate(f):
             if number == args.line:
                 break
@@ -415,8 +421,11 @@ def parse_args(argv=None):
     if not args.output.endswith(suffix):  # never an input image or data file written over by mistake
         p.error(f"--output {args.output}: {args.kind} writes {'a PNG' if suffix == '.png' else 'jsonl'}, "
                 f"give a name ending in {suffix}")
-    if any(os.path.realpath(args.output) == os.path.realpath(path) for path in args.input):
-        p.error(f"--output {args.output} is also an --input; write to another file")
+    try:  # never an input image, folder, data file or the VQGAN written over
+        inputs = [*args.input, *(getattr(args, name, None) for name in ("targets", "vqgan"))]
+        formats.check_outputs([path for path in inputs if path], [args.output])
+    except ValueError as e:
+        p.error(f"--output {e}")
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
         p.error(f"--output {args.output}: the folder {os.path.dirname(os.path.abspath(args.output))} does not exist")
     return p, args
@@ -425,6 +434,7 @@ def parse_args(argv=None):
 def main(argv=None):
     p, args = parse_args(argv)
     try:
+        formats.make_output_dir(os.path.dirname(os.path.abspath(args.output)))  # writable, or say so now
         {"mix": mix, "show": show}.get(args.kind, make_sentences)(args)
     except (ValueError, OSError) as e:
         p.exit(1, f"error: {e}\n")

@@ -14,9 +14,11 @@ A step is one optimizer update over accum x batch_size sequences of seq_len toke
 import argparse
 import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
+import re
 import shutil
 import time
 from functools import partial
@@ -48,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--batch_size", type=count, default=32, help="sequences per micro-batch")
     p.add_argument("--accum", type=count, default=4, help="micro-batches per optimizer step")
     p.add_argument("--seq_len", type=count, default=4096)
+    p.add_argument("--image_tokens", type=count, default=formats.IMAGE_TOKENS,
+                   help="tokens per image: a line that is not a whole number of images is skipped")
     p.add_argument("--lr", type=formats.bounded(float, 0.0), default=1.5e-4)
     p.add_argument("--end_lr", type=formats.bounded(float, 0.0), default=3e-5)
     p.add_argument("--warmup", type=formats.bounded(int, 0), default=8000)
@@ -72,6 +76,7 @@ def parse_args(argv=None):
     p.add_argument("--coordinator", help="host:port of process 0, for --distributed without SLURM/TPU")
     p.add_argument("--num_processes", type=formats.bounded(int, 1))
     p.add_argument("--process_id", type=formats.bounded(int, 0))
+    p.add_argument("--trust_unverified", action="store_true", help=formats.TRUST_HELP)
     p.add_argument("--compile_only", action="store_true",
                    help="compile one step on abstract inputs, print per-device memory, exit")
     args = p.parse_args(argv)
@@ -92,8 +97,8 @@ BAD_START = 20  # this many malformed lines before any valid one: not a file of 
 
 
 class TokenStream:
-    def __init__(self, path, rows, seq_len, vocab, position=(0, 0), on_bad_line=print):
-        self.path, self.rows, self.seq_len, self.vocab = path, rows, seq_len, vocab
+    def __init__(self, path, rows, seq_len, vocab, position=(0, 0), on_bad_line=print, image_tokens=1):
+        self.path, self.rows, self.seq_len, self.vocab, self.image_tokens = path, rows, seq_len, vocab, image_tokens
         self.file = open(path, "rb")
         self.pending = []  # [(line offset, tokens)], first one partly used
         self.next_offset, self.skip = position[0], position[1]
@@ -121,7 +126,7 @@ class TokenStream:
             self.file.seek(0)
             return
         try:
-            tokens = formats.decode_line(line, self.vocab)
+            tokens = formats.decode_line(line, self.vocab, self.image_tokens)
         except ValueError as e:
             self.bad_lines += 1
             warning = f"{self.path}: skipping malformed line at byte {offset} ({e}; {self.bad_lines} so far)"
@@ -241,10 +246,10 @@ def save(out, step, config, params, opt_state, data_position, keep, recipe):
     with formats.atomic_dir(os.path.join(out, f"step_{step:08d}"), overwrite=True) as tmp:
         formats.write_checkpoint_files(tmp, config, formats.tensor_entries(host_params))
         formats.write_safetensors(os.path.join(tmp, "opt_state.safetensors"), formats.tensor_entries(host_opt))
-        formats.write_checksums(tmp)
         with open(os.path.join(tmp, "train_state.json"), "w") as f:
             json.dump({"step": step, "data_offset": int(data_position[0]), "data_skip": int(data_position[1]),
                        "recipe": recipe}, f)
+        formats.write_checksums(tmp)
     for old in formats.run_checkpoints(out)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     tqdm.write(f"saved {os.path.join(out, f'step_{step:08d}')}")
@@ -255,7 +260,32 @@ def differences(config, other):
                      if f.name not in ("dtype", "remat") and getattr(config, f.name) != getattr(other, f.name))
 
 
-def restore(path, config, optimizer, mesh):
+def read_train_state(path, args, vocab):
+    """-> (step, data position, recipe flags) of a checkpoint, every field checked: an edited or
+    damaged train_state.json must neither hang the resume nor train from a wrong place."""
+    file = os.path.join(path, "train_state.json")
+    info = formats.read_json_object(file)
+    step, offset, skip = (info.get(name) for name in ("step", "data_offset", "data_skip"))
+    if not all(type(value) is int for value in (step, offset, skip)):
+        raise ValueError(f"{file}: step, data_offset and data_skip must be integers")
+    if step != int(os.path.basename(path)[len("step_"):]):
+        raise ValueError(f"{file}: step {step} is not the step of its folder")
+    if (offset, skip) != (0, 0):  # a saved position is the start of a valid line and a token inside it
+        size = os.path.getsize(args.data)
+        with open(args.data, "rb") as f:
+            f.seek(max(offset - 1, 0))
+            at_line_start = 0 <= offset < size and (offset == 0 or f.read(1) == b"\n")
+            line = f.readline() if at_line_start else b""
+        try:
+            tokens = formats.decode_line(line, vocab, args.image_tokens)
+        except ValueError:
+            raise ValueError(f"{file}: data_offset {offset} is not the start of a visual sentence in {args.data}") from None
+        if not 0 <= skip < len(tokens):
+            raise ValueError(f"{file}: data_skip {skip} is outside the {len(tokens)} tokens of the line at data_offset")
+    return step, (offset, skip), info.get("recipe", {})
+
+
+def restore(path, config, optimizer, mesh, args):
     """-> (params, opt_state, step, data position, recipe flags), read tensor by tensor into their
     shards; a ValueError if the checkpoint is damaged."""
     saved_config = formats.read_config(path)
@@ -263,39 +293,78 @@ def restore(path, config, optimizer, mesh):
     if mismatch:
         raise SystemExit(f"error: {path} holds another model than the one asked for ({mismatch}); "
                          f"use another --out, or the run's own --size / --init")
-    _, params = formats.load_sharded(path, mesh)  # checks every tensor against the config, and the checksums
+    # checks the checksums, every tensor against the config, and that the weights are finite
+    _, params = formats.load_sharded(path, mesh, trust_unverified=args.trust_unverified)
+    step, position, recipe = read_train_state(path, args, config.vocab)
     opt_shapes = jax.eval_shape(optimizer.init, params)
     opt_file = os.path.join(path, "opt_state.safetensors")
     try:
-        stored = {name: shape for name, (shape, _) in formats.tensor_headers(opt_file).items()}
-        with open(os.path.join(path, "train_state.json")) as f:
-            info = json.load(f)
-        position = (int(info["data_offset"]), int(info["data_skip"]))
-        step = int(info["step"])
+        stored = {name: (shape, formats.NUMPY_DTYPES.get(dtype)) for name, (shape, dtype) in formats.tensor_headers(opt_file).items()}
     except Exception as e:
-        raise ValueError(f"{path}: unreadable optimizer or train state ({e})") from None
+        raise ValueError(f"{path}: unreadable optimizer state ({e})") from None
     leaves = jax.tree.leaves(opt_shapes)
-    if stored != {str(i): leaf.shape for i, leaf in enumerate(leaves)}:
+    if stored != {str(i): (leaf.shape, leaf.dtype) for i, leaf in enumerate(leaves)}:
         raise ValueError(f"{path}: opt_state.safetensors does not match the model")
-    opt_leaves = [jax.make_array_from_callback(leaf.shape, sharding, partial(formats.read_slice, opt_file, str(i)))
+    read = lambda i, index: formats.read_finite(f"{opt_file}: tensor {i}", partial(formats.read_slice, opt_file, str(i)), index)
+    opt_leaves = [jax.make_array_from_callback(leaf.shape, sharding, partial(read, i))
                   for i, (leaf, sharding) in enumerate(zip(leaves, jax.tree.leaves(state_shardings(config, optimizer, mesh)[1])))]
-    return params, jax.tree.unflatten(jax.tree.structure(opt_shapes), opt_leaves), step, position, info.get("recipe", {})
+    return params, jax.tree.unflatten(jax.tree.structure(opt_shapes), opt_leaves), step, position, recipe
 
 
-def resume(out, config, optimizer, mesh):
+def resume(config, optimizer, mesh, args):
     """The newest checkpoint that loads (None for a new run); a damaged one is named and the
     previous one tried."""
-    found = formats.run_checkpoints(out)
+    found = formats.run_checkpoints(args.out)
     for path in reversed(found):
         try:
-            restored = restore(path, config, optimizer, mesh)
+            restored = restore(path, config, optimizer, mesh, args)
             print(f"resuming from {path} (step {restored[2]})")
             return restored
         except ValueError as e:
             print(f"warning: {path} is damaged ({e}); trying the previous checkpoint")
     if found:
-        raise SystemExit(f"error: every checkpoint in {out} is damaged; move them away to start afresh")
+        raise SystemExit(f"error: every checkpoint in {args.out} is damaged; move them away to start afresh")
     return None
+
+
+@contextlib.contextmanager
+def run_lock(out):
+    """Holds out/train.lock exclusively while training: a second trainer on the same run folder
+    stops at once instead of interleaving metrics.jsonl and replacing checkpoints. The kernel drops
+    the lock however the holder ends, so the file left by a killed run is stale and taken over."""
+    path = os.path.join(out, "train.lock")
+    while True:
+        handle = open(path, "a+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise SystemExit(f"error: {out}: another train.py (PID {holder}) is training in this run folder; "
+                             f"wait for it to end, or choose another --out") from None
+        try:  # the holder may have removed the file between our open and our lock
+            if os.path.samestat(os.fstat(handle.fileno()), os.stat(path)):
+                break
+        except FileNotFoundError:
+            pass
+        handle.close()
+    handle.truncate(0)
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    try:
+        yield
+    finally:
+        os.remove(path)
+        handle.close()
+
+
+def check_run_folder(out):
+    """A step_* entry that is not a checkpoint folder would fail the save after all the training."""
+    for name in sorted(os.listdir(out)):
+        if re.fullmatch(r"step_\d{8}(\.tmp|\.old)?", name) and not os.path.isdir(os.path.join(out, name)):
+            raise SystemExit(f"error: {os.path.join(out, name)}: not a folder, where train.py saves its checkpoints; "
+                             f"move it away")
 
 
 def trim_metrics(out, step):
@@ -322,7 +391,8 @@ def read_eval_batches(args, vocab):
     """The first --eval_batches batches of --eval_data, read once at the start: a missing or bad
     file is reported before any training, and every evaluation sees the same batches."""
     try:
-        stream = TokenStream(args.eval_data, args.batch_size, args.seq_len, vocab, on_bad_line=lambda m: None)
+        stream = TokenStream(args.eval_data, args.batch_size, args.seq_len, vocab, on_bad_line=lambda m: None,
+                             image_tokens=args.image_tokens)
         with contextlib.closing(stream):
             return [stream.next_batch() for _ in range(args.eval_batches)]
     except (OSError, ValueError) as e:
@@ -408,11 +478,33 @@ def model_config(args):
 
 def main(argv=None):
     args = parse_args(argv)
+    with contextlib.ExitStack() as run_folder:  # holds the run folder's lock until the end
+        try:
+            return train(args, run_folder)
+        except OSError as e:  # an unwritable or vanished --out, a full disk
+            raise SystemExit(f"error: {e.filename or args.out}: {e.strerror}") from None
+
+
+def train(args, run_folder):
     if args.distributed or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU runs; GPUs/TPUs ignore it
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     if not args.compile_only and not os.path.isfile(args.data):  # before any weights are read or compiled
         raise SystemExit(f"error: --data {args.data}: no such file")
+
+    def lock_run_folder():  # process 0 writes the run folder, so it alone holds the lock
+        if jax.process_index() == 0:
+            run_folder.enter_context(run_lock(args.out))
+            check_run_folder(args.out)
+
+    locked = not args.compile_only and os.path.isdir(args.out)
+    if not args.compile_only:
+        try:
+            formats.check_outputs([path for path in (args.data, args.eval_data, args.init) if path], [args.out])
+        except ValueError as e:
+            raise SystemExit(f"error: {e}")
+        if locked:  # before any weights are read: a second trainer stops at once
+            lock_run_folder()
     config, init = model_config(args)
     if args.seq_len > config.max_seq:
         raise SystemExit(f"error: --seq_len {args.seq_len} is longer than the model's {config.max_seq}")
@@ -433,7 +525,7 @@ def main(argv=None):
 
     eval_batches = read_eval_batches(args, config.vocab) if args.eval_data else []
     recipe = {name: getattr(args, name) for name in RECIPE}
-    restored = resume(args.out, config, optimizer, mesh)
+    restored = resume(config, optimizer, mesh, args)
     if restored:
         params, opt_state, step, position, saved_recipe = restored
         if init:
@@ -449,7 +541,7 @@ def main(argv=None):
         if init:
             log(f"starting from the weights of {init}")
             try:
-                _, params = formats.load_sharded(init, mesh)
+                _, params = formats.load_sharded(init, mesh, trust_unverified=args.trust_unverified)
             except ValueError as e:
                 raise SystemExit(f"error: --init: {e}")
         else:
@@ -459,16 +551,19 @@ def main(argv=None):
     rows = args.accum * args.batch_size
 
     try:
-        stream = TokenStream(args.data, rows, args.seq_len, config.vocab, position, on_bad_line=log)
+        stream = TokenStream(args.data, rows, args.seq_len, config.vocab, position, log, args.image_tokens)
         first_batch = stream.next_batch()  # data that gives no batch fails here, before the run folder exists
     except OSError as e:
         raise SystemExit(f"error: {args.data}: {e.strerror}")
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     os.makedirs(args.out, exist_ok=True)  # only once the inputs are known to be there
+    if not locked:
+        lock_run_folder()
     if jax.process_index() == 0:
         trim_metrics(args.out, step)
     eval_step = jax.jit(lambda p, x, y: loss_fn(p, x, y, config))
+    all_finite = jax.jit(lambda tree: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)])))
     tokens_per_step = rows * args.seq_len
     flops_per_step = model.flops_per_token(config, args.seq_len) * tokens_per_step
     peak = peak_flops(args)
@@ -494,10 +589,12 @@ def main(argv=None):
             if not (logging or saving):
                 continue  # no host sync: the next step is dispatched while this one runs
             loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
-            if not math.isfinite(loss + grad_norm):  # checked before any save, so checkpoints stay good
+            weights_finite = not saving or bool(all_finite(params))
+            if not (math.isfinite(loss + grad_norm) and weights_finite):  # checked before any save: checkpoints stay good
                 bar.close()
-                raise SystemExit(f"error: loss is {loss}, gradient norm {grad_norm} at step {step}; stopping. The last good "
-                                 f"checkpoint is {(formats.run_checkpoints(args.out) or ['(none)'])[-1]}")
+                raise SystemExit(f"error: loss is {loss}, gradient norm {grad_norm}{'' if weights_finite else ', weights not finite'}"
+                                 f" at step {step}; stopping. The last good checkpoint is "
+                                 f"{(formats.run_checkpoints(args.out) or ['(none)'])[-1]}")
             if logging:
                 now = time.perf_counter()
                 seconds = (now - last_time) / (step - last_step)

@@ -25,7 +25,7 @@ import formats
 
 
 IMAGE_SIZE = 256
-TOKENS_PER_IMAGE = (IMAGE_SIZE // 16) ** 2  # the encoder downsamples by 16
+TOKENS_PER_IMAGE = formats.IMAGE_TOKENS  # (256 / 16) ** 2: the encoder downsamples by 16
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
@@ -206,14 +206,28 @@ def list_images(folder):
                    if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS), key=natural_key)
 
 
+MAX_SIDE = 4 * IMAGE_SIZE  # a larger image is reduced to about this before anything is converted
+
+
 def load_image(path):
     """The original preprocessing: RGB, PIL resize to 256x256, /255 -> float32 (256, 256, 3).
-    16-bit and 32-bit images are scaled to 8 bits first (PIL would clip them to 255)."""
+    An image over PIL's decompression-bomb limit is refused from its header; a large one is first
+    reduced by a whole factor (a JPEG decoded at that scale) to about MAX_SIDE a side, so that a
+    worker's memory stays near the decoded file. 16-bit and 32-bit images are scaled to 8 bits
+    (PIL would clip them to 255)."""
     try:
         with Image.open(path) as img:
-            img.load()
-            if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-                pixels = np.asarray(img, np.float64)
+            if img.width * img.height > Image.MAX_IMAGE_PIXELS:
+                raise ValueError(f"{img.width}x{img.height} pixels, over PIL's decompression-bomb limit of "
+                                 f"{Image.MAX_IMAGE_PIXELS}")
+            img.draft(None, (MAX_SIDE, MAX_SIDE))
+            if img.mode in ("P", "1") or img.mode.startswith("I;16"):  # modes that Image.reduce does not take
+                img = img.convert("RGBA" if img.mode == "P" else "L" if img.mode == "1" else "I")
+            factor = min(img.size) // MAX_SIDE
+            if factor > 1:
+                img = img.reduce(factor)
+            if img.mode in ("I", "F"):
+                pixels = np.asarray(img, np.float32)
                 top = 65535.0 if img.mode != "F" else max(float(pixels.max()), 1.0)
                 img = Image.fromarray(np.clip(pixels / top * 255 + 0.5, 0, 255).astype(np.uint8))
             img = img.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE))
@@ -376,19 +390,14 @@ def load_vqgan(path):
     return jax.device_put(params, NamedSharding(local_mesh(), P())), config  # a copy on every local device
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formats.HelpFormatter)
-    parser.add_argument("images", nargs="+", help="image files")
-    parser.add_argument("--vqgan", required=True, help="VQGAN checkpoint folder")
-    parser.add_argument("--out", required=True, help="folder for original|reconstruction PNGs")
-    parser.add_argument("--batch_size", type=formats.bounded(int, 1), default=8, help="images per VQGAN call")
-    args = parser.parse_args(argv)
-    try:
-        params, config = load_vqgan(args.vqgan)
-        images = np.stack([load_image(p) for p in args.images])
-    except ValueError as e:
-        parser.exit(1, f"error: {e}\n")
-    os.makedirs(args.out, exist_ok=True)
+def reconstruct(args):
+    """Each image beside its reconstruction, as --out/NAME.png; prints images/s and the mean PSNR."""
+    outputs = [os.path.join(args.out, os.path.splitext(os.path.basename(path))[0] + ".png") for path in args.images]
+    formats.check_outputs([*args.images, args.vqgan], [args.out])
+    formats.check_outputs([], outputs)  # a.png and a.jpg would both write a.png
+    params, config = load_vqgan(args.vqgan)
+    images = np.stack([load_image(p) for p in args.images])
+    formats.make_output_dir(args.out)
     encode(params, config, images[:1]), decode(params, config, np.zeros((1, 256), np.int32))  # compile
     start = time.perf_counter()
     recons, bar = [], tqdm(range(0, len(images), args.batch_size), unit="batch")
@@ -397,12 +406,24 @@ def main(argv=None):
         bar.set_postfix(images_per_s=f"{(i + len(recons[-1])) / (time.perf_counter() - start):.2f}")
     recons = np.concatenate(recons)
     seconds = time.perf_counter() - start
-    for path, image, recon in zip(args.images, images, recons):
-        name = os.path.splitext(os.path.basename(path))[0]
-        save_image(os.path.join(args.out, f"{name}.png"), np.concatenate([image, recon], axis=1))
+    for output, image, recon in zip(outputs, images, recons):
+        save_image(output, np.concatenate([image, recon], axis=1))
     psnr = np.mean([-10 * np.log10(np.mean((a - b) ** 2) + 1e-12) for a, b in zip(images, recons)])
     print(f"{len(images)} images in {seconds:.2f}s: {len(images) / seconds:.2f} images/s "
           f"(encode + decode), mean PSNR {psnr:.2f} dB, written to {args.out}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formats.HelpFormatter)
+    parser.add_argument("images", nargs="+", help="image files")
+    parser.add_argument("--vqgan", required=True, help="VQGAN checkpoint folder")
+    parser.add_argument("--out", required=True, help="folder for original|reconstruction PNGs")
+    parser.add_argument("--batch_size", type=formats.bounded(int, 1), default=8, help="images per VQGAN call")
+    args = parser.parse_args(argv)
+    try:
+        reconstruct(args)
+    except (ValueError, OSError) as e:
+        parser.exit(1, f"error: {e}\n")
 
 
 if __name__ == "__main__":

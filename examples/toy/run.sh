@@ -28,8 +28,8 @@ started=$SECONDS
 stage() { echo; echo "== [$(( (SECONDS - started) / 60 ))m$(( (SECONDS - started) % 60 ))s] $*"; }
 
 stage "1/7 render the toy world: $CLIPS clips of 12 frames, $PAIRS pairs for each of: $TASKS"
-[ -f "$OUT/data/done" ] || { python $TOY/world.py render --out "$OUT/data" --seed 0 --clips $CLIPS --frames 12 --pairs $PAIRS \
-  && touch "$OUT/data/done"; }
+[ -f "$OUT/data/done" ] || { python $TOY/world.py render --out "$OUT/data" --seed 0 --clips $CLIPS --frames 12 --pairs $PAIRS;
+  touch "$OUT/data/done"; }
 
 stage "2/7 train the VQGAN ($VQ_STEPS steps)"
 [ -f "$OUT/vqgan/config.json" ] || python $TOY/train_vqgan.py --data "$OUT/data" --out "$OUT/vqgan" \
@@ -43,8 +43,9 @@ for task in $TASKS; do
   [ -f "$OUT/tokens/$task.jsonl" ] || python tokenize_data.py pairs --input "$OUT/data/$task/x" \
     --targets "$OUT/data/$task/y" --output "$OUT/tokens/$task.jsonl" --vqgan "$OUT/vqgan" --shots 3 --epochs ${EPOCHS[$task]}
 done
-[ -f "$OUT/tokens/dataset.jsonl" ] || python tokenize_data.py mix --output "$OUT/tokens/dataset.jsonl" \
-  --input "$OUT/tokens/clips.jsonl" $(for task in $TASKS; do echo "$OUT/tokens/$task.jsonl"; done)
+PARTS=("$OUT/tokens/clips.jsonl")
+for task in $TASKS; do PARTS+=("$OUT/tokens/$task.jsonl"); done
+[ -f "$OUT/tokens/dataset.jsonl" ] || python tokenize_data.py mix --output "$OUT/tokens/dataset.jsonl" --input "${PARTS[@]}"
 
 SEQ=1536  # one sentence per row, aligned: every line holds exactly 6 images
 stage "4/7 train the LVM ($LVM_STEPS steps of $BATCH x $SEQ tokens)"

@@ -16,9 +16,13 @@ DIR/results.png.
 import argparse
 import json
 import os
+import sys
 
 import numpy as np
 from PIL import Image
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
+import formats  # noqa: E402  (the repo's shared libraries)
 
 SIZE = 256
 SHAPES = ("square", "wedge", "triangle")  # wedge: right angle at the bottom left; triangle: apex down
@@ -137,13 +141,11 @@ def step(scene):
 
 
 def clip(rng, frames):
-    """A list of `frames` images of one scene in motion."""
+    """`frames` images of one scene in motion, one at a time."""
     scene = random_scene(rng)
-    images = []
     for _ in range(frames):
-        images.append(render(scene))
+        yield render(scene)
         step(scene)
-    return images
 
 
 def save(path, image):
@@ -152,8 +154,11 @@ def save(path, image):
 
 
 def load(path):
-    with Image.open(path) as img:
-        return np.asarray(img.convert("RGB"), np.float32) / 255
+    try:
+        with Image.open(path) as img:
+            return np.asarray(img.convert("RGB"), np.float32) / 255
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: not a readable image ({e})") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -184,7 +189,7 @@ def write_prompts(args):
         for k in range(args.per_task):
             name = os.path.join("prompts", f"{task}_{k:03d}")
             if task == "sequence":
-                frames = clip(rng, args.context_frames + 1)
+                frames = list(clip(rng, args.context_frames + 1))
                 inputs, target = frames[:-1], frames[-1]
             else:
                 pairs = [task_pair(task, rng) for _ in range(args.shots + 1)]
@@ -205,10 +210,22 @@ def thumbnail(image, side=128):
     return np.asarray(Image.fromarray(np.round(image * 255).astype(np.uint8)).resize((side, side)), np.float32) / 255
 
 
+def read_jobs(path):
+    """The prompt lines of a jobs.jsonl that `prompts` wrote; ValueError naming a line that is not one."""
+    jobs = []
+    for number, job in formats.jsonl_objects(path):
+        if not (all(isinstance(job.get(k), str) for k in ("task", "target", "output"))
+                and isinstance(job.get("input"), list) and len(job["input"]) >= 2
+                and all(isinstance(p, str) for p in job["input"])):
+            raise ValueError(f"{path}:{number}: not a prompt line of world.py prompts "
+                             f"(task, target, output, and an input of at least 2 images)")
+        jobs.append(job)
+    return jobs
+
+
 def score(args):
     """Per task: mean MSE of the model's answers and of three trivial baselines."""
-    with open(os.path.join(args.dir, "jobs.jsonl")) as f:
-        jobs = [json.loads(line) for line in f if line.strip()]
+    jobs = read_jobs(os.path.join(args.dir, "jobs.jsonl"))
     rows, examples = {}, {}
     for job in jobs:
         output = os.path.join(args.dir, job["output"])
@@ -259,13 +276,17 @@ def main(argv=None):
     s = commands.add_parser("score", help="model answers vs truth and trivial baselines")
     s.add_argument("dir")
     args = p.parse_args(argv)
-    for name in ("clips", "frames", "pairs", "per_task", "shots", "context_frames"):
-        if getattr(args, name, 1) < 1:
-            p.error(f"--{name} must be at least 1, got {getattr(args, name)}")
+    # a sequence prompt needs 2 frames to show a motion, and every prompt fits sample.py's 16 images
+    for name, low, high in (("clips", 1, 10 ** 5), ("frames", 1, 1000), ("pairs", 1, 10 ** 5), ("per_task", 1, 10 ** 4),
+                            ("shots", 1, 7), ("context_frames", 2, 15)):
+        if not low <= getattr(args, name, low) <= high:
+            p.error(f"--{name} must be in [{low}, {high}], got {getattr(args, name)}")
     try:
         {"render": render_data, "prompts": write_prompts, "score": score}[args.command](args)
     except OSError as e:
-        p.exit(1, f"error: {e.filename}: {e.strerror}\n")
+        p.exit(1, f"error: {e.filename}: {e.strerror}\n" if e.filename else f"error: {e}\n")
+    except ValueError as e:
+        p.exit(1, f"error: {e}\n")
 
 
 if __name__ == "__main__":
