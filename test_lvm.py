@@ -2167,3 +2167,18 @@ def test_toy_world_bad_prompts_and_answers_give_one_line(tmp_path, capsys):
             world.main(["score", str(tmp_path / "p")])
         err = capsys.readouterr().err
         assert exit_info.value.code == 1 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_corrupted_optimizer_state_is_damage_not_a_checkpoint_to_train_on(tmp_path, capsys):
+    data, run = saved_run(tmp_path)
+    newest = run / "step_00000004"
+    state = safetensors.numpy.load_file(str(newest / "opt_state.safetensors"))
+    state["3"] = np.full_like(state["3"], np.nan)
+    safetensors.numpy.save_file(state, str(newest / "opt_state.safetensors"))
+    formats.write_checksums(newest)  # consistent files: the values themselves must be checked
+    capsys.readouterr()
+    train.main(train_args(data, run, "--steps", "6", "--save_every", "6"))
+    out = capsys.readouterr().out
+    assert "opt_state.safetensors: tensor 3 holds NaN or infinite values" in out and f"resuming from {run / 'step_00000002'}" in out
+    _, params = formats.load_checkpoint(run / "step_00000006")
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))

@@ -7,9 +7,11 @@ Arrays are channels-last inside: images (N, 256, 256, 3) float32 in [0, 1].
     python vqgan.py --vqgan DIR IMAGE... --out DIR    # reconstructions beside the originals
 """
 import argparse
+import contextlib
 import dataclasses
 import os
 import re
+import threading
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -207,30 +209,40 @@ def list_images(folder):
 
 
 MAX_SIDE = 4 * IMAGE_SIZE  # a larger image is reduced to about this before anything is converted
+LARGE_IMAGE = 2 ** 24  # pixels: images above this are decoded one at a time, whatever the threads
+ONE_LARGE_IMAGE = threading.Lock()
+
+
+def to_rgb_256(img):
+    """A PIL image -> RGB 256x256, reduced first by a whole factor (a JPEG decoded at that scale) to
+    about MAX_SIDE a side; 16-bit and 32-bit images scaled to 8 bits (PIL would clip them to 255)."""
+    img.draft(None, (MAX_SIDE, MAX_SIDE))
+    if img.mode == "I;16":  # the usual 16-bit PNG: to 8 bits at a byte a pixel, rounded as below
+        img = img.point(lambda v: v * (255 / 65535) + 0.5).convert("L")
+    elif img.mode in ("P", "1") or img.mode.startswith("I;16"):  # modes that Image.reduce does not take
+        img = img.convert({"P": "RGBA", "1": "L"}.get(img.mode, "I"))
+    factor = min(img.size) // MAX_SIDE
+    if factor > 1:
+        img = img.reduce(factor)
+    if img.mode in ("I", "F"):
+        pixels = np.asarray(img, np.float32)
+        top = 65535.0 if img.mode != "F" else max(float(pixels.max()), 1.0)
+        img = Image.fromarray(np.clip(pixels / top * 255 + 0.5, 0, 255).astype(np.uint8))
+    return img.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE))
 
 
 def load_image(path):
     """The original preprocessing: RGB, PIL resize to 256x256, /255 -> float32 (256, 256, 3).
-    An image over PIL's decompression-bomb limit is refused from its header; a large one is first
-    reduced by a whole factor (a JPEG decoded at that scale) to about MAX_SIDE a side, so that a
-    worker's memory stays near the decoded file. 16-bit and 32-bit images are scaled to 8 bits
-    (PIL would clip them to 255)."""
+    An image over PIL's decompression-bomb limit is refused from its header, and large ones are
+    decoded one at a time, so that the memory of a pool of loading threads stays bounded."""
     try:
         with Image.open(path) as img:
-            if img.width * img.height > Image.MAX_IMAGE_PIXELS:
+            pixels = img.width * img.height
+            if pixels > Image.MAX_IMAGE_PIXELS:
                 raise ValueError(f"{img.width}x{img.height} pixels, over PIL's decompression-bomb limit of "
                                  f"{Image.MAX_IMAGE_PIXELS}")
-            img.draft(None, (MAX_SIDE, MAX_SIDE))
-            if img.mode in ("P", "1") or img.mode.startswith("I;16"):  # modes that Image.reduce does not take
-                img = img.convert("RGBA" if img.mode == "P" else "L" if img.mode == "1" else "I")
-            factor = min(img.size) // MAX_SIDE
-            if factor > 1:
-                img = img.reduce(factor)
-            if img.mode in ("I", "F"):
-                pixels = np.asarray(img, np.float32)
-                top = 65535.0 if img.mode != "F" else max(float(pixels.max()), 1.0)
-                img = Image.fromarray(np.clip(pixels / top * 255 + 0.5, 0, 255).astype(np.uint8))
-            img = img.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE))
+            with ONE_LARGE_IMAGE if pixels > LARGE_IMAGE else contextlib.nullcontext():
+                img = to_rgb_256(img)
     except Exception as e:
         raise ValueError(f"{path}: not a readable image ({type(e).__name__}: {e})") from None
     return np.asarray(img, np.float32) / 255.0

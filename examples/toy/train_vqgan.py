@@ -269,6 +269,10 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.crop % 16 or not 16 <= args.crop <= vqgan.IMAGE_SIZE:
         p.error("--crop must be a multiple of 16 in [16, 256]")
+    try:
+        formats.check_outputs([args.data], [args.out])
+    except ValueError as e:
+        p.error(f"--out {e}")
     config = vqgan.VQConfig(hidden_channels=args.hidden, channel_mult=tuple(int(m) for m in args.channel_mult.split(",")),
                             num_res_blocks=args.res_blocks, z_channels=args.z_channels, num_embeddings=args.codes,
                             quantized_embed_dim=args.embed_dim, norm_num_groups=args.groups)

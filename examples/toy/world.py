@@ -226,6 +226,9 @@ def read_jobs(path):
 def score(args):
     """Per task: mean MSE of the model's answers and of three trivial baselines."""
     jobs = read_jobs(os.path.join(args.dir, "jobs.jsonl"))
+    results = os.path.join(args.dir, "results.png")
+    formats.check_outputs([os.path.join(args.dir, p) for job in jobs for p in (*job["input"], job["target"], job["output"])],
+                          [results])
     rows, examples = {}, {}
     for job in jobs:
         output = os.path.join(args.dir, job["output"])
@@ -254,8 +257,8 @@ def score(args):
             row = [thumbnail(image) for image in row]
             blank = [np.ones_like(row[0])] * (columns - len(row))
             tiles.append(np.concatenate(row[:-2] + blank + row[-2:], axis=1))
-    save(os.path.join(args.dir, "results.png"), np.concatenate(tiles, axis=0))
-    print(f"results: {os.path.join(args.dir, 'results.png')} (each row: prompt | model answer | truth)")
+    save(results, np.concatenate(tiles, axis=0))
+    print(f"results: {results} (each row: prompt | model answer | truth)")
 
 
 def main(argv=None):
