@@ -293,9 +293,9 @@ def restore(path, config, optimizer, mesh, args):
     if mismatch:
         raise SystemExit(f"error: {path} holds another model than the one asked for ({mismatch}); "
                          f"use another --out, or the run's own --size / --init")
+    step, position, recipe = read_train_state(path, args, config.vocab)  # before the weights: it is cheap
     # checks the checksums, every tensor against the config, and that the weights are finite
     _, params = formats.load_sharded(path, mesh, trust_unverified=args.trust_unverified)
-    step, position, recipe = read_train_state(path, args, config.vocab)
     opt_shapes = jax.eval_shape(optimizer.init, params)
     opt_file = os.path.join(path, "opt_state.safetensors")
     try:
