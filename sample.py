@@ -146,11 +146,11 @@ def draw_from_folder(args, params, config, vq_params, vq_config, sampling):
     if not paths:
         raise ValueError(f"{args.prompt}: no images (.jpg, .png, ...) in this folder")
     images, prompt = prompt_tokens(paths, vq_params, vq_config, args.context)
+    formats.make_output_dir(args.out)  # an unwritable --out fails before the drawing, not after
     tokens = timed_generate(params, config, prompt, args.new_images, args.candidates, args.context, sampling,
                             jax.random.key(args.seed))  # (candidates, new_images, 256)
     drawn = vqgan.decode(vq_params, vq_config, tokens.reshape(-1, vqgan.TOKENS_PER_IMAGE)).reshape(
         *tokens.shape[:2], vqgan.IMAGE_SIZE, vqgan.IMAGE_SIZE, 3)
-    formats.make_output_dir(args.out)
     for c, row in enumerate(drawn):
         for k, image in enumerate(row):
             vqgan.save_image(os.path.join(args.out, f"candidate{c}_image{k}.png"), image)
