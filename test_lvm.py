@@ -749,6 +749,24 @@ def test_pairs_sentences_hold_each_input_before_its_target(tmp_path, tiny_vqgan)
     assert_sentences_pair_up(tiny_vqgan, tmp_path / "p.jsonl", loaded, target_loaded)
 
 
+def test_pairs_in_subfolders_make_sentences_within_one_subfolder(tmp_path, tiny_vqgan):
+    groups = {"a": PHOTOS[:2], "b": PHOTOS[2:]}  # the same stems in both: pairs match within a subfolder
+    for name, photos in groups.items():
+        photo_folder(tmp_path / "x", {f"{i}.jpg": p for i, p in enumerate(photos)}, name)
+        photo_folder(tmp_path / "y", {f"{i}.jpg": p for i, p in enumerate(reversed(photos))}, name)
+    tokenize_data.main(["pairs", "--input", str(tmp_path / "x"), "--targets", str(tmp_path / "y"), "--output",
+                        str(tmp_path / "p.jsonl"), "--vqgan", tiny_vqgan[0], "--shots", "2", "--epochs", "4"])
+    tokens = {name: reference_tokens(tiny_vqgan, [vqgan.load_image(p) for p in photos]) for name, photos in groups.items()}
+    sentences = read_sentences(tmp_path / "p.jsonl")
+    assert len(sentences) == 2 * 4  # one sentence per subfolder and epoch
+    for s in sentences:
+        name = "a" if any(np.array_equal(s[0], t) for t in tokens["a"]) else "b"
+        first, second = tokens[name]  # each x is followed by the other photo of its own subfolder
+        assert {tuple(s[0]), tuple(s[2])} == {tuple(first), tuple(second)}
+        for x, y in (s[0:2], s[2:4]):
+            np.testing.assert_array_equal(y, second if np.array_equal(x, first) else first)
+
+
 def test_colorization_sentences_hold_the_luma_before_each_image(tmp_path, tiny_vqgan):
     inputs, _, loaded, _ = six_photos(tmp_path)
     tokenize_data.main(["colorization", "--input", inputs, "--output", str(tmp_path / "c.jsonl"),
@@ -1712,15 +1730,16 @@ def test_bench_without_the_test_requirements_says_what_to_install():
 # examples/toy: the toy world, its VQGAN trainer and run.sh
 
 
-def test_shift_moves_every_pixel_one_token_right_wrapping_around():
-    x, y = world.task_pair("shift", np.random.default_rng(0))
-    assert not np.array_equal(x, y)
-    for column in (0, 5, 15, 16, 100, 255):
-        np.testing.assert_array_equal(y[:, (column + 16) % 256], x[:, column])
+def test_shift_moves_every_pixel_by_the_rules_displacement_wrapping_around():
+    for rule, (dx, dy) in world.DISPLACEMENTS.items():
+        x, y, _ = world.task_pair("shift", rule, np.random.default_rng(0))
+        assert not np.array_equal(x, y)
+        for row, column in [(0, 0), (5, 250), (15, 16), (100, 100), (255, 255)]:
+            np.testing.assert_array_equal(y[(row + 16 * dy) % 256, (column + 16 * dx) % 256], x[row, column])
 
 
 def test_colorize_queries_hold_gray_objects_each_colour_with_its_own_gray_level():
-    x, y = world.task_pair("colorize", np.random.default_rng(0))
+    x, y, _ = world.task_pair("colorize", None, np.random.default_rng(0))
     objects = np.any(x != y, axis=-1)
     assert objects.any() and not objects.all()
     np.testing.assert_array_equal(x[objects][:, 0], x[objects][:, 2])
@@ -1729,15 +1748,29 @@ def test_colorize_queries_hold_gray_objects_each_colour_with_its_own_gray_level(
     assert min(np.diff(sorted(lumas))) >= 10
 
 
-def test_segmentation_colours_each_silhouette_by_its_shape_kind():
+def test_recolour_maps_every_object_cell_through_the_rules_permutation():
+    rng = np.random.default_rng(4)
+    rule = world.draw_rule("recolour", rng)
+    for _ in range(10):
+        x, y, _ = world.task_pair("recolour", rule, rng)
+        for c, target in enumerate(rule):  # every pixel of colour c in x is rule[c] in y, and nothing else changed
+            np.testing.assert_array_equal(np.all(x == world.COLOURS[c], -1), np.all(y == world.COLOURS[target], -1))
+        tiles = ~np.any(np.all(x[:, :, None] == world.COLOURS, -1), -1)
+        np.testing.assert_array_equal(x[tiles], y[tiles])
+
+
+def test_segmentation_colours_each_silhouette_by_its_kind_under_the_rule():
     scene = {"background": np.full((16, 16), 1),
-             "objects": [{"shape": k, "colour": 5, "size": 40, "centre": np.array([50.0 + 70 * k, 128.0]),
-                          "velocity": np.array([16.0, 0.0])} for k in range(3)]}
-    image = world.segment(scene)
+             "objects": [{"shape": k, "texture": np.arange(16).reshape(4, 4) % 6, "size": 64,
+                          "centre": np.array([32.0 + 80 * k, 128.0]), "velocity": np.array([16.0, 0.0])} for k in range(3)]}
+    rule = (3, 0, 4)
+    image = world.segment(scene, rule)
     for k in range(3):  # the centre of each object, and a point surely outside all of them
-        np.testing.assert_array_equal(image[128, 50 + 70 * k], world.SEGMENT_COLOURS[k])
+        np.testing.assert_array_equal(image[128 + 8, 32 + 80 * k], world.SEGMENT_COLOURS[rule[k]])
     np.testing.assert_array_equal(image[10, 10], world.TILES[1])  # the scene background
-    assert len({tuple(c) for c in world.SEGMENT_COLOURS}) == 3
+    assert len({tuple(c) for c in world.SEGMENT_COLOURS}) == len(world.SEGMENT_COLOURS) > len(world.SHAPES)
+    square = world.render(scene)[96:160, 0:64].reshape(4, 16, 4, 16, 3)[:, 0, :, 0]  # a mosaic, cell by cell
+    np.testing.assert_array_equal(square, world.COLOURS[np.arange(16).reshape(4, 4) % 6])
 
 
 def test_objects_move_at_constant_velocity_and_bounce_off_the_borders():
@@ -1758,23 +1791,100 @@ def test_objects_move_at_constant_velocity_and_bounce_off_the_borders():
 
 def test_world_is_reproducible_with_a_seed(tmp_path):
     for seed, folder in [(5, "a"), (5, "b"), (6, "c")]:
-        world.main(["render", "--out", str(tmp_path / folder), "--seed", str(seed), "--clips", "2", "--pairs", "2"])
+        world.main(["render", "--out", str(tmp_path / folder), "--seed", str(seed), "--clips", "2", "--pairs", "4",
+                    "--pairs_per_rule", "2"])
     a, b, c = (tree_bytes(tmp_path / f) for f in "abc")
-    assert a == b and a != c and len(a) == 2 * 8 + 4 * 2 * 2
+    assert a == b and a != c and len(a) == 2 * 8 + 4 * 4 * 2
+    assert len(os.listdir(tmp_path / "a" / "recolour" / "x")) == 2  # rule folders of 2 pairs; colorize has one rule
+    assert sorted(os.listdir(tmp_path / "a" / "colorize" / "x")) == [f"{k:05d}.png" for k in range(4)]
+
+
+def object_colours(image):
+    """The object colour ids present in an image: cells of exactly one of world.COLOURS."""
+    return {c for c, colour in enumerate(world.COLOURS) if np.all(image == colour, -1).any()}
+
+
+def test_no_training_pair_holds_a_held_out_rule_piece(tmp_path):
+    world.main(["render", "--out", str(tmp_path), "--clips", "1", "--pairs", "240", "--pairs_per_rule", "3"])
+    source, target = world.HELD_OUT["recolour"]
+    folders = sorted(os.listdir(tmp_path / "recolour" / "x"))
+    assert len(folders) == 80 and len({f.split("-")[1] for f in folders}) > 40  # many distinct rules
+    for folder in folders:
+        rule = world.parse_rule_folder("recolour", folder.split("-")[1])
+        assert rule[source] != target
+        for name in os.listdir(tmp_path / "recolour" / "x" / folder):  # the pixels, not only the folder name
+            x, y = (world.load(tmp_path / "recolour" / side / folder / name) for side in "xy")
+            for c in object_colours(x):
+                np.testing.assert_array_equal(np.all(x == world.COLOURS[c], -1), np.all(y == world.COLOURS[rule[c]], -1))
+    kind, colour = world.HELD_OUT["segment"]
+    for folder in os.listdir(tmp_path / "segment" / "y"):
+        rule = world.parse_rule_folder("segment", folder.split("-", 1)[1])
+        assert rule[kind] != colour
+        for name in os.listdir(tmp_path / "segment" / "y" / folder):  # silhouettes only in the rule's colours
+            y = world.load(tmp_path / "segment" / "y" / folder / name)
+            used = {c for c, rgb in enumerate(world.SEGMENT_COLOURS) if np.all(y == rgb, -1).any()}
+            assert used and used <= set(rule)
+
+
+def segment_colours(image):
+    return {c for c, rgb in enumerate(world.SEGMENT_COLOURS) if np.all(image == rgb, -1).any()}
+
+
+@pytest.mark.parametrize("rules", ["held_out", "seen"])
+def test_every_prompt_is_solvable_from_its_examples(tmp_path, rules):
+    world.main(["prompts", "--out", str(tmp_path), "--seed", "3", "--per_task", "12", "--rules", rules])
+    jobs = [json.loads(line) for line in open(tmp_path / "jobs.jsonl")]
+    assert {j["task"] for j in jobs} == ({"sequence", *world.TASKS} if rules == "held_out" else set(world.IN_CONTEXT))
+    (source, target), (kind, white) = world.HELD_OUT["recolour"], world.HELD_OUT["segment"]
+    for job in (j for j in jobs if "swapped" not in j):
+        images = [world.load(tmp_path / p) for p in job["input"]]
+        examples, query, truth = images[:-1], images[-1], world.load(tmp_path / job["target"])
+        if job["task"] == "recolour":  # the query's colours are all in the examples' x; held out: blue -> red needed
+            assert object_colours(query) <= set().union(*map(object_colours, examples[0::2]))
+            blue = np.all(query == world.COLOURS[source], -1)
+            maps_to_red = blue.any() and bool(np.all(truth[blue] == world.COLOURS[target]))
+            assert maps_to_red == (rules == "held_out")
+        if job["task"] == "segment":  # the answer's silhouette colours are all in the examples' y
+            assert segment_colours(truth) <= set().union(*map(segment_colours, examples[1::2]))
+            if rules == "held_out":
+                assert white in segment_colours(truth)
+    prompts = world.analogy_prompt("segment", np.random.default_rng(0), 3, True)  # the kinds, not only the colours
+    rule, examples, (_, _, query_scene), pieces = prompts
+    assert kind in pieces and rule[kind] == white and pieces <= set().union(*(world.pieces_shown("segment", s) for *_, s in examples))
+
+
+def test_changed_cell_accuracy_counts_only_the_cells_the_answer_must_change():
+    query = np.zeros((256, 256, 3), np.float32)
+    truth = query.copy()
+    truth[:32, :64] = 1  # 2 x 4 = 8 changed cells
+    answer = truth.copy()
+    answer[:16, :16] = 0.5  # one changed cell wrong
+    answer[200:, 200:] = 0.05  # unchanged cells off by less than the threshold: not counted
+    assert world.changed_cell_accuracy(query, answer, truth) == 7 / 8
+    assert world.changed_cell_accuracy(query, query, truth) == 0  # copying the query
+    assert world.changed_cell_accuracy(query, truth, truth) == 1
 
 
 def test_prompts_and_score_against_the_baselines(tmp_path, capsys):
-    world.main(["prompts", "--out", str(tmp_path), "--per_task", "1"])
+    world.main(["prompts", "--out", str(tmp_path), "--per_task", "2"])
     jobs = [json.loads(line) for line in open(tmp_path / "jobs.jsonl")]
-    assert [j["task"] for j in jobs] == ["sequence", *world.TASKS]
-    assert len(jobs[0]["input"]) == 5 and len(jobs[1]["input"]) == 5  # frames; 2 pairs + query
-    for job in jobs:  # a perfect model
-        os.makedirs(tmp_path / "answers", exist_ok=True)
+    assert [j["task"] for j in jobs if "swapped" not in j] == [t for t in ("sequence", *world.TASKS) for _ in range(2)]
+    assert len(jobs[0]["input"]) == 5 and len(jobs[2]["input"]) == 7  # frames; 3 pairs + query
+    swapped = [j for j in jobs if "swapped" in j]
+    assert sorted(j["task"] for j in swapped) == sorted(world.IN_CONTEXT * 2)
+    for job in swapped:  # the same query and truth, other examples
+        original = next(j for j in jobs if j["target"] == job["target"] and "swapped" not in j)
+        assert job["input"][-1] != original["input"][-1] and job["input"][:-1] != original["input"][:-1]
+        np.testing.assert_array_equal(world.load(tmp_path / job["input"][-1]), world.load(tmp_path / original["input"][-1]))
+    os.makedirs(tmp_path / "answers")
+    for job in jobs:  # a perfect model that ignores swapped examples (answers with the original rule)
         shutil.copy(tmp_path / job["target"], tmp_path / job["output"])
     capsys.readouterr()
     world.main(["score", str(tmp_path)])
-    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:len(jobs) + 1]]
-    assert all(float(row[2]) == 0 and float(row[-1]) == 0 for row in rows)  # model MSE 0, ratio 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[1:6]]
+    assert [row[0] for row in rows] == ["sequence", *world.TASKS]
+    assert all(float(row[3]) == 0 and float(row[7]) == 0 and float(row[8]) == 1 for row in rows)  # MSE 0, ratio 0, all cells
+    assert all(float(row[9]) == 1 for row in rows if row[0] in world.IN_CONTEXT)
     assert (tmp_path / "results.png").exists()
 
 
@@ -1805,7 +1915,7 @@ def test_toy_vqgan_trainer_writes_a_folder_the_tokenizer_loads(tmp_path):
                       "--codes", "16", "--eval_images", "2"])
     params, config = vqgan.load_vqgan(tmp_path / "vq")
     assert config.norm_num_groups == 4 and config.num_embeddings == 16
-    images = np.stack([world.load(p) for p in sorted((tmp_path / "data" / "shift" / "x").glob("*.png"))])
+    images = np.stack([world.load(p) for p in sorted((tmp_path / "data" / "shift" / "x").glob("*/*.png"))])
     tokens = vqgan.encode(params, config, images)
     assert tokens.shape == (2, 256) and tokens.max() < 16
 
@@ -1839,12 +1949,14 @@ def test_kmeans_gives_each_separated_cluster_one_code_and_parks_the_spare_ones()
                                   sorted(map(tuple, [*used, [30, 30]])))
 
 
-def test_objects_are_drawn_in_whole_tokens():
-    for shape in range(len(world.SHAPES)):
-        for size in (48, 64, 80, 96):
-            mask = world.shape_mask(shape, size, (120.0, 136.0))
-            cells = mask.reshape(16, 16, 16, 16)  # (row, y in cell, column, x in cell)
-            assert mask.any() and np.all(cells == cells[:, :1, :, :1])
+def test_shape_kinds_differ_at_their_first_cell():
+    continues = {"square": (True, True), "triangle": (True, False), "wedge": (False, True)}  # (right, down)
+    for shape, name in enumerate(world.SHAPES):
+        for size in (48, 64):
+            cells = world.shape_cells(shape, size, (120.0 + size / 2 - 24, 136.0 + size / 2 - 24))
+            first = np.argwhere(cells)[0]  # raster order: row, then column
+            assert (cells[first[0], first[1] + 1], cells[first[0] + 1, first[1]]) == continues[name]
+            assert cells.sum() == {"square": (size // 16) ** 2}.get(name, cells.sum()) and cells.sum() >= 5
 
 
 def test_toy_pipeline_smoke_run_hands_each_stage_what_the_next_needs(tmp_path):
@@ -1852,18 +1964,22 @@ def test_toy_pipeline_smoke_run_hands_each_stage_what_the_next_needs(tmp_path):
     result = subprocess.run(["bash", os.path.join(HERE, "examples", "toy", "run.sh"), str(out), "--smoke"],
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert len(list((out / "data" / "clips").iterdir())) == 2 and len(list((out / "data" / "shift" / "y").iterdir())) == 4
+    assert len(list((out / "data" / "clips").iterdir())) == 2 and len(list((out / "data" / "shift" / "y").iterdir())) == 2
+    assert len(list((out / "data" / "shift" / "y").glob("*/*.png"))) == 6  # 6 pairs, 3 per rule
     _, vq_config = vqgan.load_vqgan(out / "vqgan")
     lines = [np.frombuffer(base64.b64decode(json.loads(line)["tokens"]), "<i4") for line in open(out / "tokens" / "dataset.jsonl")]
-    # 2 clips of 12 frames -> 2 sentences of 6 frames each; 4 pairs -> 1 sentence of 3 per epoch, 2 epochs per
-    # task and 6 for segment
-    assert len(lines) == 2 * 2 + 2 + 2 + 6 + 2 and all(len(t) == 6 * 256 and t.max() < vq_config.num_embeddings for t in lines)
+    # 2 clips of 12 frames -> 2 sentences of 6 frames each; 2 rules of 3 pairs -> 2 sentences per epoch, 2
+    # epochs for shift, 3 recolour, 4 segment; colorize: 6 pairs -> 2 sentences, 1 epoch
+    assert len(lines) == 2 * 2 + 2 * 2 + 2 * 3 + 2 * 4 + 2 and all(len(t) == 6 * 256 and t.max() < vq_config.num_embeddings for t in lines)
     config, _ = formats.load_checkpoint(out / "lvm" / "step_00000002")
     assert config == dataclasses.replace(model.CONFIGS["toy"], dtype="bfloat16") and config.vocab >= vq_config.num_embeddings
-    jobs = [json.loads(line) for line in open(out / "prompts" / "jobs.jsonl")]
-    assert all((out / "prompts" / job["output"]).is_file() for job in jobs) and (out / "prompts" / "results.png").is_file()
-    table = result.stdout[result.stdout.index("model/best"):]
-    assert all(task in table for task in ("sequence", *world.TASKS))
+    for rules in ("held_out", "seen"):
+        prompts = out / f"prompts_{rules}"
+        jobs = [json.loads(line) for line in open(prompts / "jobs.jsonl")]
+        assert all((prompts / job["output"]).is_file() for job in jobs) and (prompts / "results.png").is_file()
+    held_out, seen = result.stdout.split("model/best")[1:]
+    assert all(f"\n{task} " in held_out for task in ("sequence", *world.TASKS))
+    assert all(f"\n{task} " in seen for task in world.IN_CONTEXT) and "colorize" not in seen
     rerun = subprocess.run(["bash", os.path.join(HERE, "examples", "toy", "run.sh"), str(out), "--smoke"],
                            capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0 and "wrote" not in rerun.stdout.split("== 7/7")[0]  # complete stages are skipped

@@ -121,18 +121,34 @@ def list_clips(args):
 
 
 def list_pairs(args):
-    """--input images and --targets annotations matched by file stem -> (sources, pairs)."""
+    """--input images and --targets annotations matched by file stem -> (sources, groups of pairs).
+    Subfolders of --input are groups (matched to --targets' subfolders by name): a sentence takes
+    all its pairs from one, as when each holds one task, dataset or rule. Images directly in
+    --input form one group."""
     if not args.targets:
         raise ValueError("pairs needs --targets FOLDER (annotations matched to --input by file stem)")
-    inputs = {os.path.splitext(os.path.basename(p))[0]: p for p in vqgan.list_images(args.input[0])}
-    targets = {os.path.splitext(os.path.basename(p))[0]: p for p in vqgan.list_images(args.targets)}
-    if inputs.keys() != targets.keys():
-        only_in = sorted(inputs.keys() - targets.keys())[:3], sorted(targets.keys() - inputs.keys())[:3]
-        raise ValueError(f"{args.input[0]} has {len(inputs)} images, {args.targets} has {len(targets)}; "
-                         f"unmatched stems: {only_in[0]} / {only_in[1]}")
-    stems = my_share(sorted(inputs, key=vqgan.natural_key), args)
-    sources = [s for stem in stems for s in (image_source(inputs[stem]), image_source(targets[stem]))]
-    return sources, [(i, i + 1) for i in range(0, len(sources), 2)]
+    root = args.input[0]
+    subfolders = sorted((d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))), key=vqgan.natural_key) \
+        if os.path.isdir(root) else []
+    sources, groups = [], []
+    for sub in [""] + subfolders:
+        folder, target_folder = (os.path.join(root, sub), os.path.join(args.targets, sub)) if sub else (root, args.targets)
+        inputs = {os.path.splitext(os.path.basename(p))[0]: p for p in vqgan.list_images(folder)}
+        targets = {os.path.splitext(os.path.basename(p))[0]: p
+                   for p in (vqgan.list_images(target_folder) if sub == "" or os.path.isdir(target_folder) else [])}
+        if inputs.keys() != targets.keys():
+            only_in = sorted(inputs.keys() - targets.keys())[:3], sorted(targets.keys() - inputs.keys())[:3]
+            raise ValueError(f"{folder} has {len(inputs)} images, {target_folder} has {len(targets)}; "
+                             f"unmatched stems: {only_in[0]} / {only_in[1]}")
+        if inputs:
+            groups.append([(inputs[stem], targets[stem]) for stem in sorted(inputs, key=vqgan.natural_key)])
+    # --shard: whole groups when there are several, so that every part can still compose sentences
+    groups = my_share(groups, args) if len(groups) > 1 else [my_share(g, args) for g in groups]
+    pairs = []
+    for group in groups:
+        pairs.append([(len(sources) + 2 * i, len(sources) + 2 * i + 1) for i in range(len(group))])
+        sources += [image_source(path) for pair in group for path in pair]
+    return sources, pairs
 
 
 def list_transformed_pairs(args):
@@ -140,7 +156,7 @@ def list_transformed_pairs(args):
     transform = {"colorization": "gray", "inpainting": "mask"}[args.kind]
     paths = my_share([p for folder in args.input for p in vqgan.list_images(folder)], args)
     sources = [s for p in paths for s in (image_source(p, transform), image_source(p))]
-    return sources, [(i, i + 1) for i in range(0, len(sources), 2)]
+    return sources, [[(i, i + 1) for i in range(0, len(sources), 2)]]
 
 
 def list_classes(args):
@@ -174,11 +190,14 @@ def clip_sentences(clips, readable, frames):
     return sentences
 
 
-def pair_sentences(pairs, readable, shots, rng):
-    """A random permutation of the readable pairs, `shots` pairs per sentence: x1, y1, x2, y2, ..."""
-    usable = [p for p in pairs if all(readable[i] for i in p)]
-    order = rng.permutation(len(usable))
-    return [[i for k in order[s:s + shots] for i in usable[k]] for s in range(0, len(order) - shots + 1, shots)]
+def pair_sentences(groups, readable, shots, rng):
+    """A random permutation of each group's readable pairs, `shots` pairs per sentence: x1, y1, x2, y2, ..."""
+    sentences = []
+    for pairs in groups:
+        usable = [p for p in pairs if all(readable[i] for i in p)]
+        order = rng.permutation(len(usable))
+        sentences += [[i for k in order[s:s + shots] for i in usable[k]] for s in range(0, len(order) - shots + 1, shots)]
+    return sentences
 
 
 def class_sentences(classes, readable, images_per_shot, shots, rng):
@@ -402,7 +421,7 @@ def parse_args(argv=None):
                    {**folders, "help": "folders of clips, folders of frames or video files"})
     sub.add_argument("--frames", type=count, default=16, help="frames per sentence")
     sub.add_argument("--stride", type=count, default=1, help="take every n-th frame")
-    sub = encoding("pairs", "annotated images -> [x, y] pairs, matched by file stem", {**folder, "help": "the images (x)"},
+    sub = encoding("pairs", "annotated images -> [x, y] pairs, matched by file stem", {**folder, "help": "the images (x); its subfolders are groups, a sentence's pairs come from one"},
                    (8, "pairs per sentence"))
     sub.add_argument("--targets", required=True, metavar="FOLDER", help="the annotations (y), matched to --input by file stem")
     encoding("colorization", "plain images -> [gray(x), x] pairs", folders, (8, "pairs per sentence"))

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # LVM in miniature, offline: render a toy world, train a VQGAN and an LVM on it from scratch, then
-# pose held-out visual prompts and score the answers. Each stage is the project's own CLI; a stage
-# whose output is complete is skipped, so running it again continues where it stopped.
+# pose visual prompts whose rules it has never seen and score the answers. Each stage is the
+# project's own CLI; a stage whose output is complete is skipped, so running it again continues
+# where it stopped.
 #
 #   bash examples/toy/run.sh OUT            # the full run (about 25 minutes on 2 CPU cores)
 #   bash examples/toy/run.sh OUT --smoke    # tiny sizes, to check the stages fit together
@@ -17,25 +18,26 @@ TOY=examples/toy
 TASKS="shift recolour segment colorize"
 # sentences per pair, per task: a segment answer's colour depends on the shape kind, read from the
 # query's tokens around an object's first one, and that takes the most examples to learn
-declare -A EPOCHS=([shift]=2 [recolour]=2 [segment]=6 [colorize]=2)
+declare -A EPOCHS=([shift]=2 [recolour]=3 [segment]=4 [colorize]=1)
 
 if [ "${2:-}" = --smoke ]; then
-  CLIPS=2 PAIRS=4 VQ_STEPS=4 VQ_AE=0 LVM_STEPS=2 PER_TASK=1 BATCH=1
+  CLIPS=2 PAIRS=6 PER_RULE=3 VQ_STEPS=4 VQ_AE=0 LVM_STEPS=2 PER_TASK=1 BATCH=1
 else
-  CLIPS=200 PAIRS=300 VQ_STEPS=25 VQ_AE=0 LVM_STEPS=2500 PER_TASK=30 BATCH=2
+  CLIPS=200 PAIRS=900 PER_RULE=3 VQ_STEPS=25 VQ_AE=0 LVM_STEPS=3600 PER_TASK=30 BATCH=2
 fi
 started=$SECONDS
 stage() { echo; echo "== [$(( (SECONDS - started) / 60 ))m$(( (SECONDS - started) % 60 ))s] $*"; }
 
-stage "1/7 render the toy world: $CLIPS clips of 12 frames, $PAIRS pairs for each of: $TASKS"
-[ -f "$OUT/data/done" ] || { python $TOY/world.py render --out "$OUT/data" --seed 0 --clips $CLIPS --frames 12 --pairs $PAIRS;
+stage "1/7 render the toy world: $CLIPS clips of 12 frames, $PAIRS pairs for each of: $TASKS ($PER_RULE per rule)"
+[ -f "$OUT/data/done" ] || { python $TOY/world.py render --out "$OUT/data" --seed 0 --clips $CLIPS --frames 12 \
+  --pairs $PAIRS --pairs_per_rule $PER_RULE;
   touch "$OUT/data/done"; }
 
 stage "2/7 train the VQGAN ($VQ_STEPS steps)"
 [ -f "$OUT/vqgan/config.json" ] || python $TOY/train_vqgan.py --data "$OUT/data" --out "$OUT/vqgan" \
   --steps $VQ_STEPS --ae_steps $VQ_AE --codes 256
 
-stage "3/7 tokenize: sentences of 6 images (1536 tokens): 6 frames of a clip, or 3 pairs of one task"
+stage "3/7 tokenize: sentences of 6 images (1536 tokens): 6 frames of a clip, or 3 pairs of one rule"
 mkdir -p "$OUT/tokens"
 [ -f "$OUT/tokens/clips.jsonl" ] || python tokenize_data.py sequence --input "$OUT/data/clips" \
   --output "$OUT/tokens/clips.jsonl" --vqgan "$OUT/vqgan" --frames 6
@@ -52,16 +54,24 @@ stage "4/7 train the LVM ($LVM_STEPS steps of $BATCH x $SEQ tokens)"
 [ -d "$OUT/lvm/step_$(printf %08d $LVM_STEPS)" ] || python train.py --size toy --data "$OUT/tokens/dataset.jsonl" \
   --out "$OUT/lvm" --steps $LVM_STEPS --batch_size $BATCH --accum 1 --seq_len $SEQ --lr 1e-3 --end_lr 1e-4 \
   --warmup $((LVM_STEPS / 10)) --decay_steps $LVM_STEPS --dtype bfloat16 --log_every 10 \
-  --save_every 200 --mesh 1,1,1
+  --save_every $(( LVM_STEPS >= 12 ? LVM_STEPS / 12 : 1 )) --keep 12 --mesh 1,1,1
 
-stage "5/7 held-out prompts (seed 1, never used for training): $PER_TASK per task"
-[ -f "$OUT/prompts/jobs.jsonl" ] || python $TOY/world.py prompts --out "$OUT/prompts" --seed 1 --per_task $PER_TASK
+RULES=(held_out seen)
+stage "5/7 prompts (seed 2, never used for training): $PER_TASK per task, with held-out and with seen rules"
+for rules in "${RULES[@]}"; do
+  [ -f "$OUT/prompts_$rules/jobs.jsonl" ] || python $TOY/world.py prompts --out "$OUT/prompts_$rules" --seed 2 \
+    --per_task $PER_TASK --rules $rules
+done
 
 stage "6/7 visual prompting, greedy"
-last=$(tail -n 1 "$OUT/prompts/jobs.jsonl" | python -c "import json, sys; print(json.load(sys.stdin)['output'])")
-[ -f "$OUT/prompts/$last" ] || python sample.py --batch "$OUT/prompts/jobs.jsonl" --ckpt "$OUT/lvm" \
-  --vqgan "$OUT/vqgan" --temperature 0
+for rules in "${RULES[@]}"; do
+  last=$(tail -n 1 "$OUT/prompts_$rules/jobs.jsonl" | python -c "import json, sys; print(json.load(sys.stdin)['output'])")
+  [ -f "$OUT/prompts_$rules/$last" ] || python sample.py --batch "$OUT/prompts_$rules/jobs.jsonl" --ckpt "$OUT/lvm" \
+    --vqgan "$OUT/vqgan" --temperature 0
+done
 
 stage "7/7 score: the model's answers against the truth and trivial baselines"
-python $TOY/world.py score "$OUT/prompts"
+for rules in "${RULES[@]}"; do
+  python $TOY/world.py score "$OUT/prompts_$rules"
+done
 echo "done in $(( (SECONDS - started) / 60 )) min $(( (SECONDS - started) % 60 )) s"
