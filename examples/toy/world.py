@@ -179,7 +179,7 @@ def rule_folder(task, rule):
 
 def parse_rule_folder(task, name):
     if task == "recolour":
-        return tuple("brgcpy".index(letter) for letter in name)
+        return tuple([colour[0] for colour in COLOUR_NAMES].index(letter) for letter in name)
     if task == "segment":
         return tuple(SEGMENT_NAMES.index(colour) for colour in name.split("-"))
     return name
