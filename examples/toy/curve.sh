@@ -27,5 +27,5 @@ echo
 echo "changed cells right, held-out rules (with swapped examples in brackets):"
 for table in "$OUT"/curve/step_*/table.txt; do
   step=$(basename "$(dirname "$table")")
-  echo "$step $(awk '$2 != "fixed" && NR > 1 && NF >= 10 {printf "%s %s [%s]  ", $1, $9, $10}' "$table")"
+  echo "$step $(awk 'NR > 1 && $3 ~ /^[0-9]+$/ && $2 != "fixed" {printf "%s %s [%s]  ", $1, $9, $10}' "$table")"
 done
