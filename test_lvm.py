@@ -1804,6 +1804,10 @@ def object_colours(image):
     return {c for c, colour in enumerate(world.COLOURS) if np.all(image == colour, -1).any()}
 
 
+def segment_colours(image):
+    return {c for c, rgb in enumerate(world.SEGMENT_COLOURS) if np.all(image == rgb, -1).any()}
+
+
 def test_no_training_pair_holds_a_held_out_rule_piece(tmp_path):
     world.main(["render", "--out", str(tmp_path), "--clips", "1", "--pairs", "240", "--pairs_per_rule", "3"])
     source, target = world.HELD_OUT["recolour"]
@@ -1821,13 +1825,8 @@ def test_no_training_pair_holds_a_held_out_rule_piece(tmp_path):
         rule = world.parse_rule_folder("segment", folder.split("-", 1)[1])
         assert rule[kind] != colour
         for name in os.listdir(tmp_path / "segment" / "y" / folder):  # silhouettes only in the rule's colours
-            y = world.load(tmp_path / "segment" / "y" / folder / name)
-            used = {c for c, rgb in enumerate(world.SEGMENT_COLOURS) if np.all(y == rgb, -1).any()}
+            used = segment_colours(world.load(tmp_path / "segment" / "y" / folder / name))
             assert used and used <= set(rule)
-
-
-def segment_colours(image):
-    return {c for c, rgb in enumerate(world.SEGMENT_COLOURS) if np.all(image == rgb, -1).any()}
 
 
 @pytest.mark.parametrize("rules", ["held_out", "seen"])
@@ -1849,7 +1848,7 @@ def test_every_prompt_is_solvable_from_its_examples(tmp_path, rules):
             if rules == "held_out":
                 assert white in segment_colours(truth)
     prompts = world.analogy_prompt("segment", np.random.default_rng(0), 3, True)  # the kinds, not only the colours
-    rule, examples, (_, _, query_scene), pieces = prompts
+    rule, examples, _, pieces = prompts
     assert kind in pieces and rule[kind] == white and pieces <= set().union(*(world.pieces_shown("segment", s) for *_, s in examples))
 
 
@@ -1956,7 +1955,9 @@ def test_shape_kinds_differ_at_their_first_cell():
             cells = world.shape_cells(shape, size, (120.0 + size / 2 - 24, 136.0 + size / 2 - 24))
             first = np.argwhere(cells)[0]  # raster order: row, then column
             assert (cells[first[0], first[1] + 1], cells[first[0] + 1, first[1]]) == continues[name]
-            assert cells.sum() == {"square": (size // 16) ** 2}.get(name, cells.sum()) and cells.sum() >= 5
+            assert cells.sum() >= 5
+            if name == "square":
+                assert cells.sum() == (size // 16) ** 2
 
 
 def test_toy_pipeline_smoke_run_hands_each_stage_what_the_next_needs(tmp_path):

@@ -127,15 +127,17 @@ def list_pairs(args):
     --input form one group."""
     if not args.targets:
         raise ValueError("pairs needs --targets FOLDER (annotations matched to --input by file stem)")
+    def by_stem(folder):
+        return {os.path.splitext(os.path.basename(p))[0]: p for p in vqgan.list_images(folder)}
+
     root = args.input[0]
     subfolders = sorted((d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d))), key=vqgan.natural_key) \
         if os.path.isdir(root) else []
     sources, groups = [], []
     for sub in [""] + subfolders:
         folder, target_folder = (os.path.join(root, sub), os.path.join(args.targets, sub)) if sub else (root, args.targets)
-        inputs = {os.path.splitext(os.path.basename(p))[0]: p for p in vqgan.list_images(folder)}
-        targets = {os.path.splitext(os.path.basename(p))[0]: p
-                   for p in (vqgan.list_images(target_folder) if sub == "" or os.path.isdir(target_folder) else [])}
+        inputs = by_stem(folder)
+        targets = by_stem(target_folder) if not sub or os.path.isdir(target_folder) else {}
         if inputs.keys() != targets.keys():
             only_in = sorted(inputs.keys() - targets.keys())[:3], sorted(targets.keys() - inputs.keys())[:3]
             raise ValueError(f"{folder} has {len(inputs)} images, {target_folder} has {len(targets)}; "
@@ -421,7 +423,8 @@ def parse_args(argv=None):
                    {**folders, "help": "folders of clips, folders of frames or video files"})
     sub.add_argument("--frames", type=count, default=16, help="frames per sentence")
     sub.add_argument("--stride", type=count, default=1, help="take every n-th frame")
-    sub = encoding("pairs", "annotated images -> [x, y] pairs, matched by file stem", {**folder, "help": "the images (x); its subfolders are groups, a sentence's pairs come from one"},
+    sub = encoding("pairs", "annotated images -> [x, y] pairs, matched by file stem",
+                   {**folder, "help": "the images (x); its subfolders are groups, a sentence's pairs come from one"},
                    (8, "pairs per sentence"))
     sub.add_argument("--targets", required=True, metavar="FOLDER", help="the annotations (y), matched to --input by file stem")
     encoding("colorization", "plain images -> [gray(x), x] pairs", folders, (8, "pairs per sentence"))

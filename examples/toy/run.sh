@@ -4,7 +4,7 @@
 # project's own CLI; a stage whose output is complete is skipped, so running it again continues
 # where it stopped.
 #
-#   bash examples/toy/run.sh OUT            # the full run (about 25 minutes on 2 CPU cores)
+#   bash examples/toy/run.sh OUT            # the full run (about 60 minutes on 2 slow CPU cores)
 #   bash examples/toy/run.sh OUT --smoke    # tiny sizes, to check the stages fit together
 set -euo pipefail
 if [ $# -lt 1 ] || [ $# -gt 2 ] || { [ $# -eq 2 ] && [ "$2" != --smoke ]; }; then
@@ -16,8 +16,8 @@ OUT=$(cd "$1" && pwd)
 cd "$(dirname "$0")/../.."
 TOY=examples/toy
 TASKS="shift recolour segment colorize"
-# sentences per pair, per task: a segment answer's colour depends on the shape kind, read from the
-# query's tokens around an object's first one, and that takes the most examples to learn
+# sentences per pair, per task: segment, whose rule is read at each object's first cell, gets the most;
+# colorize, fixed and learnt first, the fewest
 declare -A EPOCHS=([shift]=2 [recolour]=3 [segment]=4 [colorize]=1)
 
 if [ "${2:-}" = --smoke ]; then

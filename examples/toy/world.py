@@ -15,7 +15,7 @@ The in-context tasks take the same kind of query, a scene, and their rules are d
   segment   each object's silhouette is painted in a colour chosen per shape kind from five.
 No training pair uses a held-out rule piece (HELD_OUT: blue -> red, square -> white); prompts with
 --rules held_out each need one, so answering them means reading the rule from the prompt's examples.
-prompts writes prompts with their true answers, the same queries with another prompt's examples
+prompts writes prompts with their true answers, the same queries with another rule's examples
 (the ablation), and DIR/jobs.jsonl for `sample.py --batch`; score compares the answers with the
 truth and trivial baselines and draws DIR/results.png.
 """
@@ -230,11 +230,10 @@ def analogy_prompt(task, rng, shots, held_out):
     rule = draw_rule(task, rng, held_out)
     need = {HELD_OUT[task][0]} if held_out and task in HELD_OUT else set()
     examples = examples_showing(task, rule, rng, shots, need)
-    shown = set().union(*(pieces_shown(task, scene) for _, _, scene in examples))
-    colours, kinds = range(len(COLOURS)), range(len(SHAPES))
+    shown = sorted(set().union(*(pieces_shown(task, scene) for _, _, scene in examples)))
+    only_shown = {"recolour": {"colours": shown}, "segment": {"kinds": shown}}.get(task, {})
     while True:
-        query = task_pair(task, rule, rng, sorted(shown) if task == "recolour" else colours,
-                          sorted(shown) if task == "segment" else kinds)
+        query = task_pair(task, rule, rng, **only_shown)
         pieces = pieces_shown(task, query[2]) if task in HELD_OUT else set()
         if need <= pieces:
             return rule, examples, query, pieces
@@ -251,6 +250,11 @@ def swapped_examples(task, rule, pieces, rng, shots):
 
 # ---------------------------------------------------------------------------------------------
 # Commands
+
+
+def prompt_images(examples, query):
+    """x1, y1, x2, y2, ..., query: a prompt's images in sentence order."""
+    return [image for x, y, _ in examples for image in (x, y)] + [query]
 
 
 def save(path, image):
@@ -301,11 +305,11 @@ def write_prompts(args):
                 target = frames[-1]
             else:
                 rule, examples, (query, target, _), pieces = analogy_prompt(task, rng, args.shots, args.rules == "held_out")
-                prompts = [(name, [image for x, y, _ in examples for image in (x, y)] + [query], describe(task, rule, pieces), {})]
+                prompts = [(name, prompt_images(examples, query), describe(task, rule, pieces), {})]
                 if task in IN_CONTEXT:
                     other, examples = swapped_examples(task, rule, pieces, rng, args.shots)
-                    prompts.append((f"{name}_swapped", [image for x, y, _ in examples for image in (x, y)] + [query],
-                                    describe(task, other, pieces), {"swapped": True}))
+                    prompts.append((f"{name}_swapped", prompt_images(examples, query), describe(task, other, pieces),
+                                    {"swapped": True}))
             save(os.path.join(args.out, "prompts", name, "target.png"), target)
             for folder, inputs, rule_text, extra in prompts:
                 paths = [os.path.join("prompts", folder, f"{i}.png") for i in range(len(inputs))]
@@ -401,7 +405,7 @@ THUMB, PAIR_GAP, GAP, LABEL_WIDTH, HEADER = 96, 4, 16, 270, 22
 def results_picture(shown):
     """One row per prompt: its task and rule, the example pairs (x, y side by side), the query, the
     model's answer framed by its changed-cell accuracy, and the truth, under a header."""
-    shots = max((len(inputs) - 1) // 2 for job, inputs, *_ in shown if job["task"] != "sequence")
+    shots = max(((len(inputs) - 1) // 2 for job, inputs, *_ in shown if job["task"] != "sequence"), default=2)
     query_x = LABEL_WIDTH + shots * (2 * THUMB + PAIR_GAP + GAP) + GAP
     columns = {"query": query_x, "model": query_x + THUMB + 2 * GAP, "truth": query_x + 2 * THUMB + 3 * GAP}
     canvas = Image.new("RGB", (columns["truth"] + THUMB + GAP, HEADER + len(shown) * (THUMB + GAP)), "white")
