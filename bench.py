@@ -24,7 +24,9 @@ try:
 except ImportError:  # reported by main(), after --help
     torch = None
 
-import formats
+import checkpoint
+import cli
+import files
 import model
 import sample
 import train
@@ -226,10 +228,11 @@ def bench_convert(size="1b"):
     config = model.CONFIGS[size]
     with tempfile.TemporaryDirectory(dir=HERE) as tmp:
         # written one tensor at a time, so making the checkpoint needs no whole model in memory either
-        entries = [(name, s.shape, np.float32, lambda s=s: np.random.default_rng(0).standard_normal(s.shape, np.float32) * 0.02)
-                   for name, s in formats.model_shapes(config).items()]
+        tensors = [files.Tensor(name, p.shape, np.float32,
+                                lambda p=p: np.random.default_rng(0).standard_normal(p.shape, np.float32) * 0.02)
+                   for name, p in files.flatten(model.param_table(config))]
         os.makedirs(os.path.join(tmp, "ckpt"))
-        formats.write_safetensors(os.path.join(tmp, "ckpt", "params.safetensors"), entries)
+        files.write_safetensors(os.path.join(tmp, "ckpt", "params.safetensors"), tensors)
         with open(os.path.join(tmp, "ckpt", "config.json"), "w") as f:
             json.dump(dataclasses.asdict(config), f)
         size_gb = os.path.getsize(os.path.join(tmp, "ckpt", "params.safetensors")) / 1e9
@@ -242,7 +245,7 @@ def bench_convert(size="1b"):
         # --init's loading on 8 fake CPU devices, whose "device" buffers are host memory too: the
         # loaded params (1x the bf16 folder in bfloat16, 2x in float32) count in the peak
         load = ("import jax, jax.numpy as jnp, model; "
-                "jax.block_until_ready(formats.load_sharded('hf', model.make_mesh('1,-1,1'), getattr(jnp, sys.argv[1])))")
+                "jax.block_until_ready(checkpoint.load_sharded('hf', model.make_mesh('1,-1,1'), getattr(jnp, sys.argv[1])))")
         for dtype, resident in [("bfloat16", 1), ("float32", 2)]:
             peak, seconds = peak_rss(load, [dtype], tmp, {"XLA_FLAGS": "--xla_force_host_platform_device_count=8",
                                                         "JAX_PLATFORMS": "cpu"})
@@ -263,7 +266,7 @@ def section_list(text):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=formats.HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument("--sections", type=section_list, default=",".join(SECTIONS), metavar="NAMES",
                    help=f"comma-separated, from {','.join(SECTIONS)}")
     args = p.parse_args(argv)

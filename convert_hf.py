@@ -9,13 +9,17 @@ are stacked: conversion is a transpose and a stack/unstack, nothing else (same R
 """
 import argparse
 import json
+import math
 import os
 import re
 
 import jax.numpy as jnp
 import numpy as np
 
-import formats
+import checkpoint
+import cli
+import files
+import hf_llama
 import model
 
 DTYPES = {"float32": np.float32, "bfloat16": jnp.bfloat16, "float16": np.float16}
@@ -46,43 +50,27 @@ def hf_config(config, dtype):
 def to_hf(ckpt, out, dtype="bfloat16", shard_size=5 * 10 ** 9, overwrite=False, trust_unverified=False):
     """Our checkpoint -> HF folder: config.json and model.safetensors, or
     model-0000k-of-0000n.safetensors shards + model.safetensors.index.json above shard_size."""
-    formats.check_outputs([ckpt], [out])
-    if formats.is_hf_folder(ckpt):
+    files.check_outputs([ckpt], [out])
+    if hf_llama.is_hf_folder(ckpt):
         raise ValueError(f"{ckpt}: a Hugging Face folder already; from-hf converts it to a model.py checkpoint")
-    config, tensors = formats.checkpoint_tensors(ckpt, trust_unverified)  # checksums, every tensor against the config
-    shapes, reads = {name: shape for name, shape, _, _ in tensors}, {name: read for name, _, _, read in tensors}
-    target = np.dtype(DTYPES[dtype])
-
-    def reader(name, layer, transpose):
-        def make():
-            array = reads[name]((layer,) if layer is not None else None)
-            return (array.T if transpose else array).astype(target)
-        return make
-
-    entries = []  # (hf name, shape, dtype, make) in transformers' order
-    for ours, (hf_name, transpose) in formats.HF_NAMES.items():
-        entries.append((hf_name, shapes[ours][::-1] if transpose else shapes[ours], target, reader(ours, None, transpose)))
-    for i in range(config.layers):
-        for ours, (hf_name, transpose) in formats.HF_LAYER_NAMES.items():
-            shape = shapes[f"layers.{ours}"][1:]
-            entries.append((f"model.layers.{i}.{hf_name}", shape[::-1] if transpose else shape,
-                            target, reader(f"layers.{ours}", i, transpose)))
+    config, tensors = checkpoint.checkpoint_tensors(ckpt, trust_unverified)  # checksums, every tensor against the config
+    hf_tensors = hf_llama.as_hf_tensors(config, tensors, np.dtype(DTYPES[dtype]))
     shards, size = [[]], 0
-    for entry in entries:
-        nbytes = np.prod(entry[1]) * target.itemsize
+    for t in hf_tensors:
+        nbytes = math.prod(t.shape) * t.dtype.itemsize
         if shards[-1] and size + nbytes > shard_size:
             shards.append([])
             size = 0
-        shards[-1].append(entry)
+        shards[-1].append(t)
         size += nbytes
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))])
-    with formats.atomic_dir(out, overwrite) as tmp:
+    with files.atomic_dir(out, overwrite) as tmp:
         for name, shard in zip(names, shards):
-            formats.write_safetensors(os.path.join(tmp, name), shard, metadata={"format": "pt"})
+            files.write_safetensors(os.path.join(tmp, name), shard, metadata={"format": "pt"})
         if len(shards) > 1:
-            index = {"metadata": {"total_size": int(sum(np.prod(e[1]) * target.itemsize for e in entries))},
-                     "weight_map": {e[0]: name for name, shard in zip(names, shards) for e in shard}}
+            index = {"metadata": {"total_size": int(sum(math.prod(t.shape) * t.dtype.itemsize for t in hf_tensors))},
+                     "weight_map": {t.name: name for name, shard in zip(names, shards) for t in shard}}
             with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
                 json.dump(index, f, indent=2)
         with open(os.path.join(tmp, "config.json"), "w") as f:
@@ -93,25 +81,25 @@ def to_hf(ckpt, out, dtype="bfloat16", shard_size=5 * 10 ** 9, overwrite=False, 
 def from_hf(folder, out, overwrite=False):
     """HF LlamaForCausalLM folder (single or sharded safetensors, any float dtype) -> our
     checkpoint, keeping the stored dtype. Each stacked tensor is read and written on its own."""
-    formats.check_outputs([folder], [out])
-    if not formats.is_hf_folder(folder) and os.path.isfile(os.path.join(folder, "params.safetensors")):
+    files.check_outputs([folder], [out])
+    if not hf_llama.is_hf_folder(folder) and os.path.isfile(os.path.join(folder, "params.safetensors")):
         raise ValueError(f"{folder}: a model.py checkpoint already; to-hf converts it to a Hugging Face folder")
-    config, entries = formats.hf_tensors(folder)
-    with formats.atomic_dir(out, overwrite) as tmp:
-        formats.write_checkpoint_files(tmp, config, entries)
-        formats.write_checksums(tmp)
+    config, tensors = hf_llama.hf_tensors(folder)
+    with files.atomic_dir(out, overwrite) as tmp:
+        checkpoint.write_checkpoint_files(tmp, config, tensors)
+        files.write_checksums(tmp)
     return config
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formats.HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
     to = commands.add_parser("to-hf", help="model.py checkpoint -> Hugging Face Llama folder")
     to.add_argument("ckpt")
     to.add_argument("out")
     to.add_argument("--dtype", choices=DTYPES, default="bfloat16")
     to.add_argument("--shard_size", type=parse_size, default="5GB", help="e.g. 5GB, 500MB")
-    to.add_argument("--trust_unverified", action="store_true", help=formats.TRUST_HELP)
+    to.add_argument("--trust_unverified", action="store_true", help=files.TRUST_HELP)
     back = commands.add_parser("from-hf", help="Hugging Face Llama folder -> model.py checkpoint")
     back.add_argument("hf_dir")
     back.add_argument("out")

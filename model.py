@@ -8,6 +8,7 @@ logical axis rules (MaxText style) applied to a mesh with axes (data, fsdp, tens
 """
 import argparse
 import math
+import dataclasses
 from dataclasses import dataclass
 from functools import partial
 from typing import NamedTuple
@@ -41,8 +42,8 @@ class Config:
 
 CONFIGS = {
     "debug": Config(128, 256, 2, 4),
-    # examples/toy: 4 layers for in-context copying, heads of 64 (half the CPU attention cost of 32),
-    # a vocab for its 256-code VQGAN + 100 special ids
+    # examples/toy: 4 layers for in-context copying, heads of 64 (cheaper on CPU than 32), a vocab
+    # for its 256-code VQGAN + 100 special ids
     "toy": Config(192, 512, 4, 3, vocab=356),
     "100m": Config(640, 1664, 22, 10),
     "300m": Config(1024, 2688, 22, 8),
@@ -193,76 +194,13 @@ def apply_rope(x, cos, sin):  # x (batch, seq, heads, head_dim); cos, sin (seq, 
     return (x * cos[:, None].astype(x.dtype) + rotated * sin[:, None].astype(x.dtype))
 
 
-ATTENTION_BLOCK = 128  # CPU query block: the toy step 8-12% faster than with blocks of 256 or 64
-
-
 def causal_attention(q, k, v):
-    """Causal self-attention over (batch, seq, heads, head_dim). GPUs and TPUs get one fused kernel.
-    XLA's CPU attention would compute all seq x seq scores, half of them masked, and autodiff keeps
-    every block's probabilities for the backward pass: `blocked_attention` instead."""
+    """Causal self-attention over (batch, seq, heads, head_dim): one fused kernel on GPUs and TPUs,
+    `blocked_attention` (the end of this file) on CPUs."""
     if jax.default_backend() != "cpu" or q.shape[1] <= ATTENTION_BLOCK:
         return jax.nn.dot_product_attention(q, k, v, is_causal=True)
     q, k, v = (x.swapaxes(1, 2) for x in (q * q.shape[-1] ** -0.5, k, v))  # (batch, heads, seq, head_dim)
     return blocked_attention(q, k, v).swapaxes(1, 2)
-
-
-def query_blocks(seq):
-    return [(start, min(start + ATTENTION_BLOCK, seq)) for start in range(0, seq, ATTENTION_BLOCK)]
-
-
-def block_scores(q, k, start, end):
-    """Scores of queries start..end against keys 0..end, the future masked: (batch, heads, block, end)
-    float32. Keys past the block are never computed."""
-    scores = jnp.einsum("bhqd,bhkd->bhqk", q[:, :, start:end], k[:, :, :end], preferred_element_type=jnp.float32)
-    return jnp.where(jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None], scores, -jnp.inf)
-
-
-def blocked_attention_forward(q, k, v):
-    """(batch, heads, seq, head_dim) with q pre-scaled -> (output, logsumexp of each query's scores)."""
-    outputs, logsumexps = [], []
-    for start, end in query_blocks(q.shape[2]):
-        scores = block_scores(q, k, start, end)
-        peak = jnp.max(scores, axis=-1, keepdims=True)
-        weights = jnp.exp(scores - peak)
-        total = jnp.sum(weights, axis=-1, keepdims=True)
-        out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v[:, :, :end], preferred_element_type=jnp.float32)
-        outputs.append((out / total).astype(q.dtype))
-        logsumexps.append(peak + jnp.log(total))
-    return jnp.concatenate(outputs, axis=2), jnp.concatenate(logsumexps, axis=2)
-
-
-@jax.custom_vjp
-def blocked_attention(q, k, v):
-    """Causal attention in query blocks (FlashAttention-2's backward, in plain jnp): the backward
-    pass keeps only q, k, v, the output and one logsumexp per query, and recomputes each block's
-    probabilities from them, instead of storing seq x seq / 2 of them per head."""
-    return blocked_attention_forward(q, k, v)[0]
-
-
-def blocked_attention_fwd(q, k, v):
-    out, logsumexp = blocked_attention_forward(q, k, v)
-    return out, (q, k, v, out, logsumexp)
-
-
-def blocked_attention_bwd(residuals, d_out):
-    q, k, v, out, logsumexp = residuals
-    # d(softmax) per query: probs * (d_probs - sum(probs * d_probs)), and that sum is d_out . out
-    d_out_dot_out = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-    dq, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
-    for start, end in query_blocks(q.shape[2]):
-        probs = jnp.exp(block_scores(q, k, start, end) - logsumexp[:, :, start:end])  # (batch, heads, block, end)
-        d_block = d_out[:, :, start:end]
-        d_probs = jnp.einsum("bhqd,bhkd->bhqk", d_block, v[:, :, :end], preferred_element_type=jnp.float32)
-        d_scores = (probs * (d_probs - d_out_dot_out[:, :, start:end])).astype(q.dtype)
-        dq.append(jnp.einsum("bhqk,bhkd->bhqd", d_scores, k[:, :, :end], preferred_element_type=jnp.float32))
-        dk = dk.at[:, :, :end].add(jnp.einsum("bhqk,bhqd->bhkd", d_scores, q[:, :, start:end],
-                                              preferred_element_type=jnp.float32))
-        dv = dv.at[:, :, :end].add(jnp.einsum("bhqk,bhqd->bhkd", probs.astype(v.dtype), d_block,
-                                              preferred_element_type=jnp.float32))
-    return jnp.concatenate(dq, axis=2).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
-
-
-blocked_attention.defvjp(blocked_attention_fwd, blocked_attention_bwd)
 
 
 def cached_attention(q, k, v, start):
@@ -278,8 +216,9 @@ ATTENTION_INPUTS, MLP_INPUTS = ("wq", "wk", "wv"), ("w_gate", "w_up")  # same-wi
 
 
 def project(h, p, names):
-    """h (tokens, hidden) times each weight in names -> a list of (tokens, width). Inference params
-    (`inference_params`) hold them side by side under one key, "wq+wk+wv": one dot reads all three."""
+    """h (tokens, hidden) times each weight in names -> a list of (tokens, width). This is where the
+    two weight layouts meet: training params hold wq, wk, wv apart; inference params
+    (`inference_params`) hold them side by side under one key, "wq+wk+wv", so one dot reads all three."""
     fused = "+".join(names)
     if fused in p:
         return jnp.split(h @ p[fused].astype(h.dtype), len(names), axis=-1)
@@ -292,7 +231,7 @@ def block(x, p, cos, sin, config, cache=None):
     and values are written at pos and attention reads every filled position of the cache."""
     B, T, D = x.shape
     dt = x.dtype
-    x = x.reshape(B * T, D)  # 2-D matmuls: the CPU weight gradients of 3-D ones took a slow path (toy step 1.4x)
+    x = x.reshape(B * T, D)  # 2-D matmuls: XLA's CPU weight gradients of 3-D ones take a slow path
     h = rms_norm(x, p["attn_norm"], config.norm_eps)
     q, k, v = (a.reshape(B, T, config.heads, config.head_dim) for a in project(h, p, ATTENTION_INPUTS))
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -332,8 +271,7 @@ def embed(params, tokens, config):
 
 
 def lm_head(params, x, config):
-    """(batch, seq, hidden) -> float32 logits (batch, seq, vocab), as one 2-D matmul: XLA's CPU
-    backward of the 3-D product ran the weight gradient on a path 3.7x slower."""
+    """(batch, seq, hidden) -> float32 logits (batch, seq, vocab), as one 2-D matmul (as in block)."""
     x = rms_norm(x, params["final_norm"], config.norm_eps)
     batch, seq, hidden = x.shape
     logits = x.reshape(batch * seq, hidden) @ params["lm_head"].astype(x.dtype)
@@ -356,19 +294,16 @@ def forward(params, tokens, config):
 
 # ---------------------------------------------------------------------------------------------
 # Inference. Decoding reads every weight once per token, so it is bound by memory bandwidth:
-# slicing stacked weights inside a scan would copy each of them at every step (3x slower), so
-# inference takes the layers as a list (`inference_params`, once) and runs them unrolled. The KV
-# cache is a list too, one fixed-size (batch * heads, cache_len, head_dim) array per layer for
-# k and v, plus "pos", the number of positions filled: fixed shapes keep one compiled step. With
-# batch and heads merged into one dim, XLA's CPU dots read each cache where it was updated; laid
-# out (batch, cache_len, heads, head_dim), or with two batch dims, every layer's cache was copied
-# at every token (100m decode 1.25x slower).
+# slicing stacked weights inside a scan would copy each of them at every step, so inference takes
+# the layers as a list (`inference_params`, once) and runs them unrolled. The KV cache is a list
+# too, one fixed-size (batch * heads, cache_len, head_dim) array per layer for k and v, plus "pos",
+# the number of positions filled: fixed shapes keep one compiled step, and with batch and heads
+# merged into one dim XLA's CPU dots read each cache in place instead of copying it every token.
 
 
 def inference_params(params):
     """Training params -> the layout prefill and decode_step read: layers as a list, and each layer's
-    same-width weights side by side, so that each layer's inputs go through 2 dots instead of 5
-    (a 100m decode step: 66 fewer dots, 12% faster)."""
+    same-width weights side by side, so that each layer's inputs go through 2 dots instead of 5."""
     layers = []
     for i in range(params["layers"]["wq"].shape[0]):
         layer = {name: weights[i] for name, weights in params["layers"].items()}
@@ -409,6 +344,106 @@ def decode_step(params, token, cache, config):
         raise ValueError(f"KV cache is full ({cache['k'][0].shape[1]} positions)")
     logits, cache = forward_cached(params, token[:, None], cache, config)
     return logits[:, 0], cache
+
+
+# ---------------------------------------------------------------------------------------------
+# CPU attention. XLA's CPU attention would compute all seq x seq scores, half of them masked, and
+# autodiff would keep every block's probabilities for the backward pass. FlashAttention-2's idea in
+# plain jnp instead: queries in blocks, each against the keys up to its end, and a backward pass
+# that recomputes a block's probabilities from one logsumexp per query.
+
+
+ATTENTION_BLOCK = 128  # queries per block (the toy step was fastest at 128: docs/NOTES.md)
+
+
+def query_blocks(seq):
+    return [(start, min(start + ATTENTION_BLOCK, seq)) for start in range(0, seq, ATTENTION_BLOCK)]
+
+
+def block_scores(q, k, start, end):
+    """Scores of queries start..end against keys 0..end, the future masked: (batch, heads, block, end)
+    float32. Keys past the block are never computed."""
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q[:, :, start:end], k[:, :, :end], preferred_element_type=jnp.float32)
+    return jnp.where(jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None], scores, -jnp.inf)
+
+
+def blocked_attention_forward(q, k, v):
+    """(batch, heads, seq, head_dim) with q pre-scaled -> (output, logsumexp of each query's scores)."""
+    outputs, logsumexps = [], []
+    for start, end in query_blocks(q.shape[2]):
+        scores = block_scores(q, k, start, end)
+        peak = jnp.max(scores, axis=-1, keepdims=True)
+        weights = jnp.exp(scores - peak)
+        total = jnp.sum(weights, axis=-1, keepdims=True)
+        out = jnp.einsum("bhqk,bhkd->bhqd", weights.astype(v.dtype), v[:, :, :end], preferred_element_type=jnp.float32)
+        outputs.append((out / total).astype(q.dtype))
+        logsumexps.append(peak + jnp.log(total))
+    return jnp.concatenate(outputs, axis=2), jnp.concatenate(logsumexps, axis=2)
+
+
+@jax.custom_vjp
+def blocked_attention(q, k, v):
+    """Causal attention in query blocks; its backward pass keeps only q, k, v, the output and one
+    logsumexp per query, instead of seq x seq / 2 probabilities per head."""
+    return blocked_attention_forward(q, k, v)[0]
+
+
+def blocked_attention_fwd(q, k, v):
+    out, logsumexp = blocked_attention_forward(q, k, v)
+    return out, (q, k, v, out, logsumexp)
+
+
+def blocked_attention_bwd(residuals, d_out):
+    q, k, v, out, logsumexp = residuals
+    # d(softmax) per query: probs * (d_probs - sum(probs * d_probs)), and that sum is d_out . out
+    d_out_dot_out = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    dq, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+    for start, end in query_blocks(q.shape[2]):
+        probs = jnp.exp(block_scores(q, k, start, end) - logsumexp[:, :, start:end])  # (batch, heads, block, end)
+        d_block = d_out[:, :, start:end]
+        d_probs = jnp.einsum("bhqd,bhkd->bhqk", d_block, v[:, :, :end], preferred_element_type=jnp.float32)
+        d_scores = (probs * (d_probs - d_out_dot_out[:, :, start:end])).astype(q.dtype)
+        dq.append(jnp.einsum("bhqk,bhkd->bhqd", d_scores, k[:, :, :end], preferred_element_type=jnp.float32))
+        dk = dk.at[:, :, :end].add(jnp.einsum("bhqk,bhqd->bhkd", d_scores, q[:, :, start:end],
+                                              preferred_element_type=jnp.float32))
+        dv = dv.at[:, :, :end].add(jnp.einsum("bhqk,bhqd->bhkd", probs.astype(v.dtype), d_block,
+                                              preferred_element_type=jnp.float32))
+    return jnp.concatenate(dq, axis=2).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+blocked_attention.defvjp(blocked_attention_fwd, blocked_attention_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# A Config from a file: a checkpoint's config.json is untrusted, so every field's type and range
+# is checked; a bad file is refused instead of hanging or building a model its weights do not match.
+
+
+COUNT_LIMITS = {"hidden": 65536, "intermediate": 262144, "layers": 1024, "heads": 1024, "vocab": 2 ** 20,
+                "max_seq": 2 ** 20}
+
+
+def config_from_fields(fields, where):
+    """A Config from a config.json's fields; a ValueError naming `where` and the first bad field."""
+    def need(ok, what):
+        if not ok:
+            raise ValueError(f"{where}: {what}")
+
+    need(isinstance(fields, dict), "not a JSON object")
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(Config)})
+    need(not unknown, f"unknown fields {unknown}")
+    for name, high in COUNT_LIMITS.items():
+        value = fields.get(name, getattr(Config, name, None))
+        need(type(value) is int and 1 <= value <= high, f"{name} must be an integer in [1, {high}], got {value!r}")
+    norm_eps, rope_theta = (fields.get(name, getattr(Config, name)) for name in ("norm_eps", "rope_theta"))
+    need(type(norm_eps) in (int, float) and 0 < norm_eps < 1, f"norm_eps must be a number in (0, 1), got {norm_eps!r}")
+    need(type(rope_theta) in (int, float) and 1 <= rope_theta <= 1e12,
+         f"rope_theta must be a number in [1, 1e12], got {rope_theta!r}")
+    need(fields.get("dtype", "float32") in ("float32", "bfloat16"), "dtype must be float32 or bfloat16")
+    need(isinstance(fields.get("remat", False), bool), "remat must be true or false")
+    need(fields["hidden"] % fields["heads"] == 0 and fields["hidden"] // fields["heads"] % 2 == 0,
+         f"hidden {fields['hidden']} must split into {fields['heads']} heads of an even size")
+    return Config(**fields)
 
 
 def main():

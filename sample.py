@@ -20,7 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-import formats
+import checkpoint
+import cli
+import files
 import model
 import vqgan
 
@@ -86,10 +88,10 @@ def generate(params, config, prompt, new_images, candidates, context_images, sam
 
 def load_model(path, dtype, context_images, codes, trust_unverified=False):
     """A checkpoint, a Hugging Face folder, or a train.py run folder (its newest checkpoint)."""
-    newest = formats.newest_checkpoint(path)
+    newest = checkpoint.newest_checkpoint(path)
     if newest != path:
         print(f"using the newest checkpoint of the run: {newest}")
-    config, params = formats.load_checkpoint(newest, trust_unverified)
+    config, params = checkpoint.load_checkpoint(newest, trust_unverified)
     if config.vocab < codes:
         raise ValueError(f"{path}: vocab {config.vocab} cannot hold the VQGAN's {codes} codes")
     if context_images * vqgan.TOKENS_PER_IMAGE > config.max_seq:
@@ -108,7 +110,7 @@ def resolve(base, path):
 def read_jobs(path, keys):
     """Lines of a jsonl job file with the given keys; paths relative to the file's folder."""
     jobs = []
-    for number, job in formats.jsonl_objects(path):
+    for number, job in files.jsonl_objects(path):
         if not all(k in job for k in keys):
             raise ValueError(f"{path}:{number}: expected a json object with {keys}")
         lists = [k for k in keys if k != "output"]  # input / target: lists of image paths
@@ -146,7 +148,7 @@ def draw_from_folder(args, params, config, vq_params, vq_config, sampling):
     if not paths:
         raise ValueError(f"{args.prompt}: no images (.jpg, .png, ...) in this folder")
     images, prompt = prompt_tokens(paths, vq_params, vq_config, args.context)
-    formats.make_output_dir(args.out)  # an unwritable --out fails before the drawing, not after
+    files.make_output_dir(args.out)  # an unwritable --out fails before the drawing, not after
     tokens = timed_generate(params, config, prompt, args.new_images, args.candidates, args.context, sampling,
                             jax.random.key(args.seed))  # (candidates, new_images, 256)
     drawn = vqgan.decode(vq_params, vq_config, tokens.reshape(-1, vqgan.TOKENS_PER_IMAGE)).reshape(
@@ -163,11 +165,11 @@ def checked_jobs(args):
     file, a prompt image of any line, the model folders), and no two lines write the same file."""
     models = [args.ckpt, args.vqgan]
     if args.prompt:
-        formats.check_outputs([args.prompt, *models], [args.out])
+        files.check_outputs([args.prompt, *models], [args.out])
     if not args.batch:
         return None
     jobs = read_jobs(args.batch, ("input", "output"))
-    formats.check_outputs([args.batch, *models, *(path for _, job in jobs for path in job["input"])],
+    files.check_outputs([args.batch, *models, *(path for _, job in jobs for path in job["input"])],
                           [job["output"] for _, job in jobs])
     return jobs
 
@@ -216,24 +218,24 @@ def perplexity(args, params, config, vq_params, vq_config):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=formats.HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument("--prompt", help="folder of prompt images")
     p.add_argument("--ckpt", required=True, help="model checkpoint or Hugging Face Llama folder")
     p.add_argument("--vqgan", required=True, help="VQGAN checkpoint folder")
     p.add_argument("--out", default="samples")
-    count = formats.bounded(int, 1)
+    count = cli.bounded(int, 1)
     p.add_argument("--new_images", type=count, default=1)
     p.add_argument("--candidates", type=count, default=1)
-    p.add_argument("--temperature", type=formats.bounded(float, 0.0), default=1.0, help="0 = greedy")
-    p.add_argument("--top_p", type=formats.bounded(float, 1e-6, 1.0), default=1.0, help="1 = off")
-    p.add_argument("--top_k", type=formats.bounded(int, 0, model.IMAGE_CODES), default=0, help="0 = off")
+    p.add_argument("--temperature", type=cli.bounded(float, 0.0), default=1.0, help="0 = greedy")
+    p.add_argument("--top_p", type=cli.bounded(float, 1e-6, 1.0), default=1.0, help="1 = off")
+    p.add_argument("--top_k", type=cli.bounded(int, 0, model.IMAGE_CODES), default=0, help="0 = off")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--context", type=formats.bounded(int, 2), default=16, help="images the model sees at once")
+    p.add_argument("--context", type=cli.bounded(int, 2), default=16, help="images the model sees at once")
     p.add_argument("--dtype", choices=["float32", "bfloat16"],
                    default="float32" if jax.default_backend() == "cpu" else "bfloat16")
     p.add_argument("--perplexity", help="jsonl of {input, target} image lists: report perplexity")
     p.add_argument("--batch", help="jsonl of {input, output}: draw one image per line")
-    p.add_argument("--trust_unverified", action="store_true", help=formats.TRUST_HELP)
+    p.add_argument("--trust_unverified", action="store_true", help=files.TRUST_HELP)
     args = p.parse_args(argv)
     if sum(bool(x) for x in (args.prompt, args.perplexity, args.batch)) != 1:
         p.error("give exactly one of --prompt, --perplexity, --batch")

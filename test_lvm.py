@@ -29,13 +29,16 @@ import transformers
 from PIL import Image
 
 import bench  # called through globals() by the MISTAKES table
+import checkpoint
 import convert_hf
-import formats
+import files
+import hf_llama
 import model
 import sample
 import tokenize_data
 import train
 import vqgan
+import vqgan_files
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "examples", "toy"))
@@ -238,7 +241,8 @@ def test_bad_tokens_and_lengths_give_clear_errors():
 
 
 # ---------------------------------------------------------------------------------------------
-# formats.py: checkpoint folders, checksums, Hugging Face indexes, the torch-free pytorch_model.bin reader
+# files.py, checkpoint.py, hf_llama.py, vqgan_files.py: checkpoint folders, checksums, Hugging Face
+# indexes, the torch-free pytorch_model.bin reader
 
 
 def tree_bytes(folder):
@@ -249,49 +253,49 @@ def tree_bytes(folder):
 
 def test_checkpoint_round_trip_is_exact_and_leaves_no_temporary(tmp_path):
     params = model.init_params(DEBUG, jax.random.key(6))
-    formats.save_checkpoint(tmp_path / "ckpt", DEBUG, params)
-    config, loaded = formats.load_checkpoint(tmp_path / "ckpt")
+    checkpoint.save_checkpoint(tmp_path / "ckpt", DEBUG, params)
+    config, loaded = checkpoint.load_checkpoint(tmp_path / "ckpt")
     assert config == DEBUG
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, params), loaded)
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
 
 
 def test_checkpoint_without_config_or_with_another_config_is_refused(tmp_path):
-    formats.save_checkpoint(tmp_path / "ckpt", DEBUG, model.init_params(DEBUG, jax.random.key(6)))
+    checkpoint.save_checkpoint(tmp_path / "ckpt", DEBUG, model.init_params(DEBUG, jax.random.key(6)))
     with pytest.raises(ValueError, match="config.json is missing"):
-        formats.load_checkpoint(tmp_path)
+        checkpoint.load_checkpoint(tmp_path)
     other = dataclasses.replace(DEBUG, hidden=64)
     (tmp_path / "ckpt" / "config.json").write_text(json.dumps(dataclasses.asdict(other)))
-    formats.write_checksums(tmp_path / "ckpt")  # consistent files that disagree: the shapes must catch it
+    files.write_checksums(tmp_path / "ckpt")  # consistent files that disagree: the shapes must catch it
     with pytest.raises(ValueError, match=r"embed is \(8292, 128\) in the file, the config implies \(8292, 64\)"):
-        formats.load_checkpoint(tmp_path / "ckpt")
+        checkpoint.load_checkpoint(tmp_path / "ckpt")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_load_sharded_places_every_piece_as_load_checkpoint_reads_it(tmp_path, dtype):
     hf_llama(DEBUG, seed=5).to(getattr(torch, dtype)).save_pretrained(tmp_path / "hf", max_shard_size="100KB")
-    formats.save_checkpoint(tmp_path / "ours", DEBUG, randomize_norms(model.init_params(DEBUG, jax.random.key(5))))
+    checkpoint.save_checkpoint(tmp_path / "ours", DEBUG, randomize_norms(model.init_params(DEBUG, jax.random.key(5))))
     mesh = model.make_mesh("1,2,4")
     for folder in ("hf", "ours"):
-        _, expected = formats.load_checkpoint(tmp_path / folder)
-        config, placed = formats.load_sharded(tmp_path / folder, mesh, jnp.bfloat16)
+        _, expected = checkpoint.load_checkpoint(tmp_path / folder)
+        config, placed = checkpoint.load_sharded(tmp_path / folder, mesh, jnp.bfloat16)
         assert config == DEBUG
-        expected, shardings = dict(formats.flatten(expected)), dict(formats.flatten(model.param_shardings(DEBUG, mesh)))
-        assert sorted(name for name, _ in formats.flatten(placed)) == sorted(expected)
-        for name, a in formats.flatten(placed):
+        expected, shardings = dict(files.flatten(expected)), dict(files.flatten(model.param_shardings(DEBUG, mesh)))
+        assert sorted(name for name, _ in files.flatten(placed)) == sorted(expected)
+        for name, a in files.flatten(placed):
             assert a.sharding == shardings[name] and a.dtype == jnp.bfloat16, name
             np.testing.assert_array_equal(np.asarray(a), np.asarray(expected[name]).astype(jnp.bfloat16), name)
 
 
 def test_damaged_weights_are_refused_by_their_checksum(tmp_path):
-    formats.save_checkpoint(tmp_path / "ckpt", DEBUG, model.init_params(DEBUG, jax.random.key(1)))
+    checkpoint.save_checkpoint(tmp_path / "ckpt", DEBUG, model.init_params(DEBUG, jax.random.key(1)))
     assert set(json.loads((tmp_path / "ckpt" / "checksums.json").read_text())) == {"config.json", "params.safetensors"}
     weights = tmp_path / "ckpt" / "params.safetensors"
     data = bytearray(weights.read_bytes())
     data[len(data) // 2:len(data) // 2 + 4096] = bytes(4096)  # 4 KB of bit rot inside the tensors
     weights.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="params.safetensors: damaged"):
-        formats.load_checkpoint(tmp_path / "ckpt")
+        checkpoint.load_checkpoint(tmp_path / "ckpt")
 
 
 @pytest.mark.parametrize("shard", ["../other/model.safetensors", "ABSOLUTE", "sub/model.safetensors", ".."])
@@ -391,8 +395,8 @@ STORAGE = {"0": (4, [1.0, 2.0, 3.0, 4.0])}
 ])
 def test_pickled_tensor_layouts_are_checked_before_any_read(tmp_path, tensor, storages, message):
     path = torch_zip(tmp_path / "weights.bin", {"encoder.conv_in.weight": tensor}, storages)
-    result = load_in_subprocess("import sys, formats\n"
-                                f"try:\n    print(formats.read_torch_state_dict({str(path)!r})['encoder.conv_in.weight'].tolist())\n"
+    result = load_in_subprocess("import sys, vqgan_files\n"
+                                f"try:\n    print(vqgan_files.read_torch_state_dict({str(path)!r})['encoder.conv_in.weight'].tolist())\n"
                                 "except ValueError as e:\n    sys.exit(f'refused: {e}')")
     if message is None:
         assert result.returncode == 0 and result.stdout.strip() == "[1.0, 2.0, 3.0, 4.0]", result.stderr
@@ -414,7 +418,7 @@ def test_random_layouts_load_what_torch_loads_or_are_refused(tmp_path):
         offset = int(rng.integers(-2, 14))
         path = torch_zip(tmp_path / f"{trial}.bin", {"t": ("0", offset, size, stride)}, {"0": (12, data)})
         try:
-            ours = formats.read_torch_state_dict(path)["t"]
+            ours = vqgan_files.read_torch_state_dict(path)["t"]
         except ValueError:
             ours = None
         try:
@@ -439,8 +443,8 @@ def test_zip_bomb_is_refused_before_it_is_decompressed(tmp_path):
         for _ in range(declared * 4 // 2 ** 24):
             f.write(bytes(2 ** 24))
     assert path.stat().st_size < 8 * 2 ** 20
-    result = load_in_subprocess("import re, formats\n"
-                                f"try:\n    formats.read_torch_state_dict({str(path)!r})\n"
+    result = load_in_subprocess("import re, vqgan_files\n"
+                                f"try:\n    vqgan_files.read_torch_state_dict({str(path)!r})\n"
                                 "except ValueError as e:\n    print(e)\n"
                                 "print(re.search(r'VmHWM:\\s*(\\d+)', open('/proc/self/status').read())[1])")
     message, peak_kb = result.stdout.strip().splitlines()
@@ -838,7 +842,7 @@ def test_eight_devices_write_the_tokens_of_one_device(tmp_path, tiny_vqgan):
                              + one_device], cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     for kind in TOKENIZE_KINDS:  # same sentences in the same order; a code may differ only at a float near-tie
-        eight, one = ([formats.decode_line(line) for line in (tmp_path / f"{kind}_{n}.jsonl").read_text().splitlines()]
+        eight, one = ([files.decode_line(line) for line in (tmp_path / f"{kind}_{n}.jsonl").read_text().splitlines()]
                       for n in (8, 1))
         assert eight and [len(t) for t in eight] == [len(t) for t in one], kind
         differing = np.mean(np.concatenate(eight) != np.concatenate(one))
@@ -904,7 +908,7 @@ def test_interrupted_tokenize_leaves_no_output(tmp_path, tiny_vqgan, monkeypatch
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(formats, "encode_line", interrupted)
+    monkeypatch.setattr(files, "encode_line", interrupted)
     with pytest.raises(KeyboardInterrupt):
         colorize(tmp_path, tiny_vqgan, inputs, "d.jsonl", 0)
     assert sorted(os.listdir(tmp_path)) == ["photos"]
@@ -1059,8 +1063,8 @@ def test_two_processes_train_in_lockstep_like_one(tmp_path):
     multi, single = read_metrics(tmp_path / "multi"), read_metrics(tmp_path / "single")
     assert len(multi) == len(single) == 6
     np.testing.assert_allclose([m["loss"] for m in multi], [m["loss"] for m in single], atol=1e-5, rtol=0)
-    _, multi_params = formats.load_checkpoint(tmp_path / "multi" / "step_00000006")
-    _, single_params = formats.load_checkpoint(tmp_path / "single" / "step_00000006")
+    _, multi_params = checkpoint.load_checkpoint(tmp_path / "multi" / "step_00000006")
+    _, single_params = checkpoint.load_checkpoint(tmp_path / "single" / "step_00000006")
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-5, rtol=0), multi_params, single_params)
 
 
@@ -1069,21 +1073,21 @@ def test_resume_gives_exactly_the_uninterrupted_run(tmp_path, monkeypatch):
     train.main(train_args(data, tmp_path / "whole", "--steps", "8", "--save_every", "4"))
     train.main(train_args(data, tmp_path / "parts", "--steps", "4", "--save_every", "4"))
     # a checkpoint write killed midway leaves the previous checkpoint intact and is ignored
-    real_write = formats.write_safetensors
+    real_write = files.write_safetensors
 
     def crash(path, entries, metadata=None):
         if "opt_state" in str(path):
             raise KeyboardInterrupt("killed while saving")
         real_write(path, entries, metadata)
 
-    monkeypatch.setattr(formats, "write_safetensors", crash)
+    monkeypatch.setattr(files, "write_safetensors", crash)
     with pytest.raises(KeyboardInterrupt):
         train.main(train_args(data, tmp_path / "parts", "--steps", "6", "--save_every", "2"))
-    monkeypatch.setattr(formats, "write_safetensors", real_write)
-    assert [os.path.basename(p) for p in formats.run_checkpoints(tmp_path / "parts")] == ["step_00000004"]
+    monkeypatch.setattr(files, "write_safetensors", real_write)
+    assert [os.path.basename(p) for p in checkpoint.run_checkpoints(tmp_path / "parts")] == ["step_00000004"]
     train.main(train_args(data, tmp_path / "parts", "--steps", "8", "--save_every", "4"))
-    _, whole = formats.load_checkpoint(tmp_path / "whole" / "step_00000008")
-    _, parts = formats.load_checkpoint(tmp_path / "parts" / "step_00000008")
+    _, whole = checkpoint.load_checkpoint(tmp_path / "whole" / "step_00000008")
+    _, parts = checkpoint.load_checkpoint(tmp_path / "parts" / "step_00000008")
     jax.tree.map(np.testing.assert_array_equal, whole, parts)
     state = [json.load(open(tmp_path / run / "step_00000008" / "train_state.json")) for run in ("whole", "parts")]
     assert state[0] == state[1]
@@ -1125,8 +1129,8 @@ def test_resume_falls_back_from_a_damaged_checkpoint(tmp_path, capsys):
     capsys.readouterr()
     train.main(train_args(data, tmp_path / "run", "--steps", "8", "--save_every", "4"))
     assert re.search(r"step_00000006 is damaged .*trying the previous", capsys.readouterr().out)
-    _, whole = formats.load_checkpoint(tmp_path / "whole" / "step_00000008")
-    _, run = formats.load_checkpoint(tmp_path / "run" / "step_00000008")
+    _, whole = checkpoint.load_checkpoint(tmp_path / "whole" / "step_00000008")
+    _, run = checkpoint.load_checkpoint(tmp_path / "run" / "step_00000008")
     jax.tree.map(np.testing.assert_array_equal, whole, run)  # resumed from step 4, exactly
 
 
@@ -1205,7 +1209,7 @@ def test_train_flags_out_of_range_are_refused(tmp_path, capsys, flag, value):
 def test_clip_zero_means_no_clipping(tmp_path):
     data = copy_corpus(tmp_path / "copy.jsonl", lines=50)
     train.main(train_args(data, tmp_path / "run", "--steps", "3", "--clip", "0", "--save_every", "3"))
-    _, before = formats.load_checkpoint(tmp_path / "run" / "step_00000003")
+    _, before = checkpoint.load_checkpoint(tmp_path / "run" / "step_00000003")
     assert read_metrics(tmp_path / "run")[-1]["loss"] < read_metrics(tmp_path / "run")[0]["loss"]
     big, small = {"w": jnp.full((4,), 100.0)}, {"w": jnp.full((4,), 0.1)}
 
@@ -1233,8 +1237,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, caps
     with pytest.raises(SystemExit, match=r"loss is \S+, gradient norm nan at step \d+; stopping. The last good checkpoint is .*step_00000002"):
         train.main(train_args(data, tmp_path / "run", "--steps", "10", "--save_every", "2", "--warmup", "1",
                               "--lr", "1e38", "--end_lr", "1e38"))
-    assert [os.path.basename(p) for p in formats.run_checkpoints(tmp_path / "run")] == ["step_00000002"]
-    _, params = formats.load_checkpoint(tmp_path / "run" / "step_00000002")
+    assert [os.path.basename(p) for p in checkpoint.run_checkpoints(tmp_path / "run")] == ["step_00000002"]
+    _, params = checkpoint.load_checkpoint(tmp_path / "run" / "step_00000002")
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
 
 
@@ -1293,9 +1297,9 @@ def test_init_from_hf_folder_follows_transformers_and_torch_adamw(tmp_path, caps
                             warmup=3, decay_steps=10)
     ours = read_metrics(tmp_path / "run")
     np.testing.assert_allclose(ours[0]["loss"], losses[0], rtol=1e-5)
-    _, trained = formats.load_checkpoint(tmp_path / "run" / "step_00000010")
-    reference, initial = dict(formats.flatten(params_from_hf(hf))), dict(formats.flatten(initial))
-    for name, a in formats.flatten(trained):
+    _, trained = checkpoint.load_checkpoint(tmp_path / "run" / "step_00000010")
+    reference, initial = dict(files.flatten(params_from_hf(hf))), dict(files.flatten(initial))
+    for name, a in files.flatten(trained):
         b, start = reference[name], initial[name]
         assert np.linalg.norm(a - b) <= 1e-4 * np.linalg.norm(b), name
         assert np.linalg.norm(b - start) > 1e-3 * np.linalg.norm(start), name  # it did train
@@ -1310,8 +1314,8 @@ def test_rerun_resumes_its_own_checkpoint_and_ignores_init(tmp_path, capsys):
     capsys.readouterr()
     train.main(finetune_args(data, tmp_path / "parts", tmp_path / "other", 6, "--save_every", "3"))
     assert "--init ignored" in capsys.readouterr().out
-    _, whole = formats.load_checkpoint(tmp_path / "whole" / "step_00000006")
-    _, parts = formats.load_checkpoint(tmp_path / "parts" / "step_00000006")
+    _, whole = checkpoint.load_checkpoint(tmp_path / "whole" / "step_00000006")
+    _, parts = checkpoint.load_checkpoint(tmp_path / "parts" / "step_00000006")
     jax.tree.map(np.testing.assert_array_equal, whole, parts)
 
 
@@ -1321,8 +1325,8 @@ def test_init_from_a_run_folder_takes_its_size_and_newest_checkpoint(tmp_path, c
     capsys.readouterr()
     train.main(finetune_args(data, tmp_path / "finetune", tmp_path / "pretrain", 1, "--lr", "0"))
     assert f"weights of {tmp_path / 'pretrain' / 'step_00000004'}" in capsys.readouterr().out
-    _, pretrained = formats.load_checkpoint(tmp_path / "pretrain" / "step_00000004")
-    _, finetuned = formats.load_checkpoint(tmp_path / "finetune" / "step_00000001")
+    _, pretrained = checkpoint.load_checkpoint(tmp_path / "pretrain" / "step_00000004")
+    _, finetuned = checkpoint.load_checkpoint(tmp_path / "finetune" / "step_00000001")
     jax.tree.map(np.testing.assert_array_equal, pretrained, finetuned)  # lr 0 (and warmup): the weights as loaded
 
 
@@ -1365,7 +1369,7 @@ def test_a_float32_checkpoint_sampled_in_bfloat16_is_held_in_bfloat16(tmp_path):
     # a decode step reads every weight once: float32 masters cast inside the step would be read in
     # full and converted at every token
     params = randomize_norms(model.init_params(DEBUG, jax.random.key(11)))
-    formats.save_checkpoint(str(tmp_path / "ckpt"), DEBUG, params)
+    checkpoint.save_checkpoint(str(tmp_path / "ckpt"), DEBUG, params)
     config, loaded = sample.load_model(str(tmp_path / "ckpt"), "bfloat16", 4, 8192)
     assert config.dtype == "bfloat16"
     assert {leaf.dtype for leaf in jax.tree.leaves(loaded)} == {jnp.dtype(jnp.bfloat16)}
@@ -1489,7 +1493,7 @@ def test_from_hf_single_and_sharded_gives_transformers_logits(tmp_path):
     assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
     for folder in ("single", "sharded"):
         convert_hf.main(["from-hf", str(tmp_path / folder), str(tmp_path / f"ours_{folder}")])
-        config, params = formats.load_checkpoint(tmp_path / f"ours_{folder}")
+        config, params = checkpoint.load_checkpoint(tmp_path / f"ours_{folder}")
         assert config == DEBUG
         np.testing.assert_allclose(np.asarray(model.forward(params, tokens, config)), reference, atol=1e-4, rtol=0)
 
@@ -1497,7 +1501,7 @@ def test_from_hf_single_and_sharded_gives_transformers_logits(tmp_path):
 @pytest.mark.parametrize("shard_size", ["5GB", "1MB"])
 def test_to_hf_loads_in_transformers_with_our_logits(tmp_path, shard_size):
     params = randomize_norms(model.init_params(DEBUG, jax.random.key(8)))
-    formats.save_checkpoint(tmp_path / "ours", DEBUG, params)
+    checkpoint.save_checkpoint(tmp_path / "ours", DEBUG, params)
     convert_hf.main(["to-hf", str(tmp_path / "ours"), str(tmp_path / "hf"), "--dtype", "float32",
                      "--shard_size", shard_size])
     assert (tmp_path / "hf" / "model.safetensors.index.json").exists() == (shard_size == "1MB")
@@ -1546,7 +1550,7 @@ def test_convert_refuses_configs_it_cannot_represent(tmp_path, capsys):
 
 def test_convert_never_replaces_a_folder_it_did_not_write(tmp_path, capsys):
     params = model.init_params(DEBUG, jax.random.key(1))
-    formats.save_checkpoint(tmp_path / "run" / "step_00000020", DEBUG, params)
+    checkpoint.save_checkpoint(tmp_path / "run" / "step_00000020", DEBUG, params)
     (tmp_path / "run" / "notes.txt").write_text("my notes")
     hf_llama(DEBUG).save_pretrained(tmp_path / "hf")
     (tmp_path / "thesis" / "sub").mkdir(parents=True)
@@ -1573,7 +1577,7 @@ def test_convert_never_replaces_a_folder_it_did_not_write(tmp_path, capsys):
         convert_hf.main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "ours")])
     assert "--overwrite" in capsys.readouterr().err
     convert_hf.main(["from-hf", str(tmp_path / "hf"), str(tmp_path / "ours"), "--overwrite"])
-    assert formats.load_checkpoint(tmp_path / "ours")[0] == DEBUG
+    assert checkpoint.load_checkpoint(tmp_path / "ours")[0] == DEBUG
 
 
 def test_configs_must_agree_with_the_tensors(tmp_path, capsys):
@@ -1589,10 +1593,10 @@ def test_configs_must_agree_with_the_tensors(tmp_path, capsys):
     for k, (change, command, message) in enumerate(cases):
         if command == "to-hf":
             source = tmp_path / f"ckpt{k}"
-            formats.save_checkpoint(source, DEBUG, params)
+            checkpoint.save_checkpoint(source, DEBUG, params)
             fields = json.loads((source / "config.json").read_text())
             (source / "config.json").write_text(json.dumps({**fields, **change}))
-            formats.write_checksums(source)  # as if written so: the checks behind the checksums must catch it
+            files.write_checksums(source)  # as if written so: the checks behind the checksums must catch it
         else:
             source = tmp_path / f"hf{k}"
             shutil.copytree(tmp_path / "hf", source)
@@ -1603,7 +1607,7 @@ def test_configs_must_agree_with_the_tensors(tmp_path, capsys):
         assert not (tmp_path / f"out{k}").exists()
         if command == "from-hf":
             with pytest.raises(ValueError, match=message):
-                formats.load_checkpoint(source)  # what sample.py --ckpt reads
+                checkpoint.load_checkpoint(source)  # what sample.py --ckpt reads
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1972,7 +1976,7 @@ def test_toy_pipeline_smoke_run_hands_each_stage_what_the_next_needs(tmp_path):
     # 2 clips of 12 frames -> 2 sentences of 6 frames each; 2 rules of 3 pairs -> 2 sentences per epoch, 2
     # epochs for shift, 3 recolour, 4 segment; colorize: 6 pairs -> 2 sentences, 1 epoch
     assert len(lines) == 2 * 2 + 2 * 2 + 2 * 3 + 2 * 4 + 2 and all(len(t) == 6 * 256 and t.max() < vq_config.num_embeddings for t in lines)
-    config, _ = formats.load_checkpoint(out / "lvm" / "step_00000002")
+    config, _ = checkpoint.load_checkpoint(out / "lvm" / "step_00000002")
     assert config == dataclasses.replace(model.CONFIGS["toy"], dtype="bfloat16") and config.vocab >= vq_config.num_embeddings
     for rules in ("held_out", "seen"):
         prompts = out / f"prompts_{rules}"
@@ -2125,7 +2129,7 @@ def test_a_train_state_that_is_edited_or_out_of_range_falls_back_to_the_previous
         shutil.copytree(run, backup)
         (newest / "train_state.json").write_text(json.dumps({**state, **change}))
         if rewrite_checksums:
-            formats.write_checksums(newest)
+            files.write_checksums(newest)
         capsys.readouterr()
         train.main(train_args(data, run, "--steps", "5", "--save_every", "100"))
         out = capsys.readouterr().out
@@ -2138,14 +2142,14 @@ def test_a_train_state_that_is_edited_or_out_of_range_falls_back_to_the_previous
 def test_checkpoints_without_a_full_checksum_listing_need_trust_unverified(tmp_path, capsys):
     data, run = saved_run(tmp_path, steps=2)
     ckpt = run / "step_00000002"
-    for listing in (None, "{}", json.dumps({"params.safetensors": formats.file_sha256(ckpt / "params.safetensors")})):
+    for listing in (None, "{}", json.dumps({"params.safetensors": files.file_sha256(ckpt / "params.safetensors")})):
         if listing is None:
             (ckpt / "checksums.json").unlink()
         else:
             (ckpt / "checksums.json").write_text(listing)
         with pytest.raises(ValueError, match="cannot be verified; pass --trust_unverified to load it anyway"):
-            formats.load_checkpoint(ckpt)
-        assert formats.load_checkpoint(ckpt, trust_unverified=True)[0] == DEBUG
+            checkpoint.load_checkpoint(ckpt)
+        assert checkpoint.load_checkpoint(ckpt, trust_unverified=True)[0] == DEBUG
         with pytest.raises(SystemExit):
             convert_hf.main(["to-hf", str(ckpt), str(tmp_path / "hf")])
         assert "--trust_unverified" in capsys.readouterr().err and not (tmp_path / "hf").exists()
@@ -2153,7 +2157,7 @@ def test_checkpoints_without_a_full_checksum_listing_need_trust_unverified(tmp_p
             train.main(train_args(data, run, "--steps", "3"))
         assert "--trust_unverified" in capsys.readouterr().out
     train.main(train_args(data, run, "--steps", "3", "--save_every", "3", "--trust_unverified"))
-    assert "resuming from" in capsys.readouterr().out and formats.run_checkpoints(run)[-1].endswith("step_00000003")
+    assert "resuming from" in capsys.readouterr().out and checkpoint.run_checkpoints(run)[-1].endswith("step_00000003")
 
 
 def test_weights_must_be_finite_floats_and_configs_in_range(tmp_path, capsys):
@@ -2165,12 +2169,12 @@ def test_weights_must_be_finite_floats_and_configs_in_range(tmp_path, capsys):
                                   "tensor embed holds NaN or infinite values")]:
         folder = tmp_path / name
         folder.mkdir()
-        flat = {k: v for k, v in formats.flatten({**params, "embed": array})}
+        flat = {k: v for k, v in files.flatten({**params, "embed": array})}
         safetensors.numpy.save_file(flat, str(folder / "params.safetensors"))
         (folder / "config.json").write_text(json.dumps(dataclasses.asdict(DEBUG)))
-        formats.write_checksums(folder)
+        files.write_checksums(folder)
         with pytest.raises(ValueError, match=message):
-            formats.load_checkpoint(folder)
+            checkpoint.load_checkpoint(folder)
         with pytest.raises(SystemExit):
             convert_hf.main(["to-hf", str(folder), str(tmp_path / f"{name}_hf")])
         assert message.split(";")[0] in capsys.readouterr().err and not (tmp_path / f"{name}_hf").exists()
@@ -2181,16 +2185,16 @@ def test_weights_must_be_finite_floats_and_configs_in_range(tmp_path, capsys):
     layer.weight = torch.nn.Parameter(layer.weight.detach().to(torch.int8), requires_grad=False)
     hf.save_pretrained(tmp_path / "hf_int8")
     with pytest.raises(ValueError, match="model.layers.1.mlp.up_proj.weight holds I8"):
-        formats.load_checkpoint(tmp_path / "hf_int8")
+        checkpoint.load_checkpoint(tmp_path / "hf_int8")
     for field, value, message in [("norm_eps", math.inf, "norm_eps must be a number in (0, 1), got inf"),
                                   ("norm_eps", 1.5, "norm_eps must be a number in (0, 1)"),
                                   ("rope_theta", 1e-300, "rope_theta must be a number in [1, 1e12], got 1e-300"),
                                   ("rope_theta", math.nan, "rope_theta must be a number in")]:
-        formats.save_checkpoint(tmp_path / field, DEBUG, params, overwrite=True)
+        checkpoint.save_checkpoint(tmp_path / field, DEBUG, params, overwrite=True)
         (tmp_path / field / "config.json").write_text(json.dumps({**dataclasses.asdict(DEBUG), field: value}))
-        formats.write_checksums(tmp_path / field)
+        files.write_checksums(tmp_path / field)
         with pytest.raises(ValueError) as error:
-            formats.load_checkpoint(tmp_path / field)
+            checkpoint.load_checkpoint(tmp_path / field)
         assert message in str(error.value)
 
 
@@ -2200,7 +2204,7 @@ def test_a_step_that_makes_the_weights_non_finite_stops_before_saving(tmp_path):
                                          r"stopping. The last good checkpoint is \(none\)"):
         train.main(train_args(data, tmp_path / "run", "--steps", "3", "--save_every", "1", "--warmup", "0",
                               "--lr", "1e39", "--end_lr", "1e39"))
-    assert formats.run_checkpoints(tmp_path / "run") == []
+    assert checkpoint.run_checkpoints(tmp_path / "run") == []
 
 
 def test_lines_of_partial_images_or_foreign_ids_are_skipped_by_train_and_mix(tmp_path, capsys):
@@ -2292,10 +2296,10 @@ def test_a_corrupted_optimizer_state_is_damage_not_a_checkpoint_to_train_on(tmp_
     state = safetensors.numpy.load_file(str(newest / "opt_state.safetensors"))
     state["3"] = np.full_like(state["3"], np.nan)
     safetensors.numpy.save_file(state, str(newest / "opt_state.safetensors"))
-    formats.write_checksums(newest)  # consistent files: the values themselves must be checked
+    files.write_checksums(newest)  # consistent files: the values themselves must be checked
     capsys.readouterr()
     train.main(train_args(data, run, "--steps", "6", "--save_every", "6"))
     out = capsys.readouterr().out
     assert "opt_state.safetensors: tensor 3 holds NaN or infinite values" in out and f"resuming from {run / 'step_00000002'}" in out
-    _, params = formats.load_checkpoint(run / "step_00000006")
+    _, params = checkpoint.load_checkpoint(run / "step_00000006")
     assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))

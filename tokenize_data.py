@@ -24,11 +24,13 @@ import itertools
 import os
 import time
 import zlib
+from typing import Callable, NamedTuple
 
 import numpy as np
 from tqdm import tqdm
 
-import formats
+import cli
+import files
 import model
 import vqgan
 
@@ -77,7 +79,10 @@ def my_share(units, args):
 # Inputs: each kind lists every image once, as a Source to load (and maybe transform), and how the
 # images group: clips of frames, (input, output) pairs, or classes, as indices into that list.
 
-Source = collections.namedtuple("Source", "name load transform")
+class Source(NamedTuple):
+    name: str
+    load: Callable  # () -> float32 (256, 256, 3)
+    transform: Callable | None = None  # (image, rng) -> the image a sentence shows
 
 
 def image_source(path, transform=None):
@@ -94,7 +99,7 @@ def video_frames(path, stride):
     with av.open(path) as container:
         pixels = [np.asarray(f.to_image().convert("RGB").resize((256, 256)), np.uint8)
                   for i, f in enumerate(container.decode(video=0)) if i % stride == 0]
-    return [Source(f"{path}#{i * stride}", lambda p=p: p.astype(np.float32) / 255, None) for i, p in enumerate(pixels)]
+    return [Source(f"{path}#{i * stride}", lambda p=p: p.astype(np.float32) / 255) for i, p in enumerate(pixels)]
 
 
 def list_clips(args):
@@ -155,7 +160,7 @@ def list_pairs(args):
 
 def list_transformed_pairs(args):
     """Plain images -> (sources, [transform(x), x] pairs): gray for colorization, a mask for inpainting."""
-    transform = {"colorization": "gray", "inpainting": "mask"}[args.kind]
+    transform = {"colorization": lambda image, rng: gray(image), "inpainting": mask_image}[args.kind]
     paths = my_share([p for folder in args.input for p in vqgan.list_images(folder)], args)
     sources = [s for p in paths for s in (image_source(p, transform), image_source(p))]
     return sources, [[(i, i + 1) for i in range(0, len(sources), 2)]]
@@ -237,11 +242,7 @@ def load_source(source, seed):
         image = source.load()
     except ValueError:
         return None
-    if source.transform == "gray":
-        return gray(image)
-    if source.transform == "mask":
-        return mask_image(image, image_rng(seed, source.name))
-    return image
+    return source.transform(image, image_rng(seed, source.name)) if source.transform else image
 
 
 def encode_images(sources, params, config, tokens_file, args):
@@ -276,13 +277,13 @@ def encode_images(sources, params, config, tokens_file, args):
 def read_sentence(line):
     """A jsonl line -> its tokens, (images, 256); ValueError unless it holds whole images of ids in
     LVM's vocabulary."""
-    return formats.decode_line(line, model.Config.vocab, vqgan.TOKENS_PER_IMAGE).reshape(-1, vqgan.TOKENS_PER_IMAGE)
+    return files.decode_line(line, model.Config.vocab, vqgan.TOKENS_PER_IMAGE).reshape(-1, vqgan.TOKENS_PER_IMAGE)
 
 
 def write_lines(path, lines):
     """-> the number of lines written to path, all of them or (interrupted) none."""
     count = 0
-    with formats.atomic_file(path) as f:
+    with files.atomic_file(path) as f:
         for line in lines:
             f.write(line)
             count += 1
@@ -316,7 +317,7 @@ def make_sentences(args):
             raise ValueError(f"{' '.join(args.input)}: not enough readable images for one sentence "
                              f"({readable.sum()} of {len(sources)} readable); a sentence needs {needs}")
         order = np.random.default_rng([args.seed, args.epochs]).permutation(len(sentences))
-        count = write_lines(args.output, (formats.encode_line(tokens[sentences[k]].ravel()) for k in order))
+        count = write_lines(args.output, (files.encode_line(tokens[sentences[k]].ravel()) for k in order))
     finally:
         if os.path.exists(tokens_file):
             os.remove(tokens_file)
@@ -382,62 +383,62 @@ def show(args):
     print(f"line {args.line}: {len(images)} images -> {args.output}")
 
 
+def parse_shard(text):
+    try:
+        index, total = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not I/N (e.g. 0/4)") from None
+    if not 0 <= index < total:
+        raise argparse.ArgumentTypeError(f"{text}: I must be in [0, N)")
+    return index, total
+
+
+# mode: (what it makes, what --input takes, how many inputs); the first five encode images
+MODES = {
+    "sequence": ("clips (folders of frames or video files) -> windows of frames",
+                 "folders of clips, folders of frames or video files", "+"),
+    "pairs": ("annotated images -> [x, y] pairs, matched by file stem",
+              "the images (x); its subfolders are groups, a sentence's pairs come from one", 1),
+    "colorization": ("plain images -> [gray(x), x] pairs", "image folders", "+"),
+    "inpainting": ("plain images -> [masked(x), x] pairs", "image folders", "+"),
+    "category": ("one subfolder per class -> runs of images of one class", "a folder with one subfolder per class", 1),
+    "mix": ("merge jsonl files into one shuffled file", None, "+"),
+    "show": ("decode one line back to images, as a grid PNG", None, 1),
+}
+
+
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=formats.HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     modes = p.add_subparsers(dest="kind", required=True, metavar="MODE",
                              help="sequence, pairs, colorization, inpainting, category, mix or show; MODE --help for its flags")
-    count = formats.bounded(int, 1)
-
-    def shard(text):
-        try:
-            index, total = (int(x) for x in text.split("/"))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not I/N (e.g. 0/4)") from None
-        if not 0 <= index < total:
-            raise argparse.ArgumentTypeError(f"{text}: I must be in [0, N)")
-        return index, total
-
-    def mode(name, help, inputs, output):
-        sub = modes.add_parser(name, help=help, description=help, formatter_class=formats.HelpFormatter)
-        sub.add_argument("--input", required=True, **inputs)
-        sub.add_argument("--output", required=True, help=output)
-        return sub
-
-    def encoding(name, help, inputs, shots=None):
-        sub = mode(name, help, inputs, "jsonl file to write")
-        sub.add_argument("--vqgan", required=True, help="VQGAN checkpoint folder")
-        if shots:
-            sub.add_argument("--shots", type=count, default=shots[0], help=shots[1])
-        sub.add_argument("--epochs", type=count, default=1, help="seeded permutations of the images")
-        sub.add_argument("--seed", type=int, default=0)
-        sub.add_argument("--batch_size", type=count, default=8, help="images per VQGAN call (on CPU at most 2 per device)")
-        sub.add_argument("--workers", type=count, default=os.cpu_count(), help="image decoding threads")
-        sub.add_argument("--shard", type=shard, default="0/1", metavar="I/N",
-                         help="take part I of N (every N-th clip, pair or image): N processes or hosts each "
-                              "write one part, and mix merges them")
-        return sub
-
-    folders = {"nargs": "+", "metavar": "FOLDER", "help": "image folders"}
-    folder = {"nargs": 1, "metavar": "FOLDER"}
-    sub = encoding("sequence", "clips (folders of frames or video files) -> windows of frames",
-                   {**folders, "help": "folders of clips, folders of frames or video files"})
-    sub.add_argument("--frames", type=count, default=16, help="frames per sentence")
-    sub.add_argument("--stride", type=count, default=1, help="take every n-th frame")
-    sub = encoding("pairs", "annotated images -> [x, y] pairs, matched by file stem",
-                   {**folder, "help": "the images (x); its subfolders are groups, a sentence's pairs come from one"},
-                   (8, "pairs per sentence"))
-    sub.add_argument("--targets", required=True, metavar="FOLDER", help="the annotations (y), matched to --input by file stem")
-    encoding("colorization", "plain images -> [gray(x), x] pairs", folders, (8, "pairs per sentence"))
-    encoding("inpainting", "plain images -> [masked(x), x] pairs", folders, (8, "pairs per sentence"))
-    sub = encoding("category", "one subfolder per class -> runs of images of one class",
-                   {**folder, "help": "a folder with one subfolder per class"}, (4, "classes per sentence"))
-    sub.add_argument("--images_per_shot", type=count, default=4, help="images of one class in a row")
-    sub = mode("mix", "merge jsonl files into one shuffled file", {"nargs": "+", "metavar": "JSONL"}, "jsonl file to write")
-    sub.add_argument("--seed", type=int, default=0)
-    sub = mode("show", "decode one line back to images, as a grid PNG", {"nargs": 1, "metavar": "JSONL"}, "PNG file to write")
-    sub.add_argument("--vqgan", required=True, help="VQGAN checkpoint folder")
-    sub.add_argument("--line", type=formats.bounded(int, 0), default=0, help="which line (from 0)")
-    sub.add_argument("--columns", type=count, default=8, help="images per grid row")
+    count = cli.bounded(int, 1)
+    sub = {}
+    for name, (makes, inputs, nargs) in MODES.items():
+        sub[name] = modes.add_parser(name, help=makes, description=makes, formatter_class=cli.HelpFormatter)
+        sub[name].add_argument("--input", required=True, nargs=nargs, metavar="FOLDER" if inputs else "JSONL", help=inputs)
+        sub[name].add_argument("--output", required=True, help="PNG file to write" if name == "show" else "jsonl file to write")
+        if name in ("mix", "show"):
+            continue
+        sub[name].add_argument("--vqgan", required=True, help="VQGAN checkpoint folder")
+        if name != "sequence":
+            sub[name].add_argument("--shots", type=count, default=4 if name == "category" else 8,
+                                   help="classes per sentence" if name == "category" else "pairs per sentence")
+        sub[name].add_argument("--epochs", type=count, default=1, help="seeded permutations of the images")
+        sub[name].add_argument("--seed", type=int, default=0)
+        sub[name].add_argument("--batch_size", type=count, default=8, help="images per VQGAN call (on CPU at most 2 per device)")
+        sub[name].add_argument("--workers", type=count, default=os.cpu_count(), help="image decoding threads")
+        sub[name].add_argument("--shard", type=parse_shard, default="0/1", metavar="I/N",
+                               help="take part I of N (every N-th clip, pair or image): N processes or hosts each "
+                                    "write one part, and mix merges them")
+    sub["sequence"].add_argument("--frames", type=count, default=16, help="frames per sentence")
+    sub["sequence"].add_argument("--stride", type=count, default=1, help="take every n-th frame")
+    sub["pairs"].add_argument("--targets", required=True, metavar="FOLDER",
+                              help="the annotations (y), matched to --input by file stem")
+    sub["category"].add_argument("--images_per_shot", type=count, default=4, help="images of one class in a row")
+    sub["mix"].add_argument("--seed", type=int, default=0)
+    sub["show"].add_argument("--vqgan", required=True, help="VQGAN checkpoint folder")
+    sub["show"].add_argument("--line", type=cli.bounded(int, 0), default=0, help="which line (from 0)")
+    sub["show"].add_argument("--columns", type=count, default=8, help="images per grid row")
     args = p.parse_args(argv)
     suffix = ".png" if args.kind == "show" else ".jsonl"
     if not args.output.endswith(suffix):  # never an input image or data file written over by mistake
@@ -445,7 +446,7 @@ def parse_args(argv=None):
                 f"give a name ending in {suffix}")
     try:  # never an input image, folder, data file or the VQGAN written over
         inputs = [*args.input, *(getattr(args, name, None) for name in ("targets", "vqgan"))]
-        formats.check_outputs([path for path in inputs if path], [args.output])
+        files.check_outputs([path for path in inputs if path], [args.output])
     except ValueError as e:
         p.error(f"--output {e}")
     if not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
@@ -456,7 +457,7 @@ def parse_args(argv=None):
 def main(argv=None):
     p, args = parse_args(argv)
     try:
-        formats.make_output_dir(os.path.dirname(os.path.abspath(args.output)))  # writable, or say so now
+        files.make_output_dir(os.path.dirname(os.path.abspath(args.output)))  # writable, or say so now
         {"mix": mix, "show": show}.get(args.kind, make_sentences)(args)
     except (ValueError, OSError) as e:
         p.exit(1, f"error: {e}\n")

@@ -22,6 +22,7 @@ import re
 import shutil
 import time
 from functools import partial
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +31,9 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tqdm import tqdm
 
-import formats
+import checkpoint
+import cli
+import files
 import model
 
 # bf16 dense peak TFLOP/s per device, for MFU when --peak_tflops is not given
@@ -39,25 +42,25 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "TPU v4": 275.0, "TP
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=formats.HelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     p.add_argument("--size", choices=model.CONFIGS, help="model size (required unless --init gives it)")
     p.add_argument("--init", help="start from these weights (optimizer and schedule fresh at step 0): a model.py "
                                   "checkpoint, a train.py run folder (its newest checkpoint) or a Hugging Face Llama folder")
     p.add_argument("--data", help="training jsonl of visual sentences")
     p.add_argument("--out", help="run folder: checkpoints and metrics.jsonl")
-    count = formats.bounded(int, 1)
+    count = cli.bounded(int, 1)
     p.add_argument("--steps", type=count, default=400_000, help="optimizer steps")
     p.add_argument("--batch_size", type=count, default=32, help="sequences per micro-batch")
     p.add_argument("--accum", type=count, default=4, help="micro-batches per optimizer step")
     p.add_argument("--seq_len", type=count, default=4096)
-    p.add_argument("--image_tokens", type=count, default=formats.IMAGE_TOKENS,
+    p.add_argument("--image_tokens", type=count, default=files.IMAGE_TOKENS,
                    help="tokens per image: a line that is not a whole number of images is skipped")
-    p.add_argument("--lr", type=formats.bounded(float, 0.0), default=1.5e-4)
-    p.add_argument("--end_lr", type=formats.bounded(float, 0.0), default=3e-5)
-    p.add_argument("--warmup", type=formats.bounded(int, 0), default=8000)
+    p.add_argument("--lr", type=cli.bounded(float, 0.0), default=1.5e-4)
+    p.add_argument("--end_lr", type=cli.bounded(float, 0.0), default=3e-5)
+    p.add_argument("--warmup", type=cli.bounded(int, 0), default=8000)
     p.add_argument("--decay_steps", type=count, default=288_000, help="warmup + cosine decay length")
-    p.add_argument("--weight_decay", type=formats.bounded(float, 0.0), default=0.1)
-    p.add_argument("--clip", type=formats.bounded(float, 0.0), default=1.0,
+    p.add_argument("--weight_decay", type=cli.bounded(float, 0.0), default=0.1)
+    p.add_argument("--clip", type=cli.bounded(float, 0.0), default=1.0,
                    help="gradient clipping at this global norm; 0 = no clipping")
     p.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor sizes; -1 takes the rest")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"], help="compute dtype")
@@ -71,12 +74,12 @@ def parse_args(argv=None):
     p.add_argument("--keep", type=count, default=3, help="checkpoints kept")
     p.add_argument("--log_every", type=count, default=10)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--peak_tflops", type=formats.bounded(float, 1e-6), help="per-device peak for MFU (known GPUs/TPUs need none)")
+    p.add_argument("--peak_tflops", type=cli.bounded(float, 1e-6), help="per-device peak for MFU (known GPUs/TPUs need none)")
     p.add_argument("--distributed", action="store_true", help="jax.distributed.initialize() (auto on SLURM)")
     p.add_argument("--coordinator", help="host:port of process 0, for --distributed without SLURM/TPU")
-    p.add_argument("--num_processes", type=formats.bounded(int, 1))
-    p.add_argument("--process_id", type=formats.bounded(int, 0))
-    p.add_argument("--trust_unverified", action="store_true", help=formats.TRUST_HELP)
+    p.add_argument("--num_processes", type=cli.bounded(int, 1))
+    p.add_argument("--process_id", type=cli.bounded(int, 0))
+    p.add_argument("--trust_unverified", action="store_true", help=files.TRUST_HELP)
     p.add_argument("--compile_only", action="store_true",
                    help="compile one step on abstract inputs, print per-device memory, exit")
     args = p.parse_args(argv)
@@ -126,7 +129,7 @@ class TokenStream:
             self.file.seek(0)
             return
         try:
-            tokens = formats.decode_line(line, self.vocab, self.image_tokens)
+            tokens = files.decode_line(line, self.vocab, self.image_tokens)
         except ValueError as e:
             self.bad_lines += 1
             warning = f"{self.path}: skipping malformed line at byte {offset} ({e}; {self.bad_lines} so far)"
@@ -239,18 +242,18 @@ RECIPE = ("data", "batch_size", "accum", "seq_len", "lr", "end_lr", "warmup", "d
 
 
 def save(out, step, config, params, opt_state, data_position, keep, recipe):
-    host_params = jax.tree.map(formats.to_host, params)  # collective: every process takes part
-    host_opt = {str(i): formats.to_host(x) for i, x in enumerate(jax.tree.leaves(opt_state))}
+    host_params = jax.tree.map(files.to_host, params)  # collective: every process takes part
+    host_opt = {str(i): files.to_host(x) for i, x in enumerate(jax.tree.leaves(opt_state))}
     if jax.process_index() != 0:
         return
-    with formats.atomic_dir(os.path.join(out, f"step_{step:08d}"), overwrite=True) as tmp:
-        formats.write_checkpoint_files(tmp, config, formats.tensor_entries(host_params))
-        formats.write_safetensors(os.path.join(tmp, "opt_state.safetensors"), formats.tensor_entries(host_opt))
+    with files.atomic_dir(os.path.join(out, f"step_{step:08d}"), overwrite=True) as tmp:
+        checkpoint.write_checkpoint_files(tmp, config, files.tree_tensors(host_params))
+        files.write_safetensors(os.path.join(tmp, "opt_state.safetensors"), files.tree_tensors(host_opt))
         with open(os.path.join(tmp, "train_state.json"), "w") as f:
             json.dump({"step": step, "data_offset": int(data_position[0]), "data_skip": int(data_position[1]),
                        "recipe": recipe}, f)
-        formats.write_checksums(tmp)
-    for old in formats.run_checkpoints(out)[:-keep]:
+        files.write_checksums(tmp)
+    for old in checkpoint.run_checkpoints(out)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     tqdm.write(f"saved {os.path.join(out, f'step_{step:08d}')}")
 
@@ -264,7 +267,7 @@ def read_train_state(path, args, vocab):
     """-> (step, data position, recipe flags) of a checkpoint, every field checked: an edited or
     damaged train_state.json must neither hang the resume nor train from a wrong place."""
     file = os.path.join(path, "train_state.json")
-    info = formats.read_json_object(file)
+    info = files.read_json_object(file)
     step, offset, skip = (info.get(name) for name in ("step", "data_offset", "data_skip"))
     if not all(type(value) is int for value in (step, offset, skip)):
         raise ValueError(f"{file}: step, data_offset and data_skip must be integers")
@@ -277,7 +280,7 @@ def read_train_state(path, args, vocab):
             at_line_start = 0 <= offset < size and (offset == 0 or f.read(1) == b"\n")
             line = f.readline() if at_line_start else b""
         try:
-            tokens = formats.decode_line(line, vocab, args.image_tokens)
+            tokens = files.decode_line(line, vocab, args.image_tokens)
         except ValueError:
             raise ValueError(f"{file}: data_offset {offset} is not the start of a visual sentence in {args.data}") from None
         if not 0 <= skip < len(tokens):
@@ -285,40 +288,47 @@ def read_train_state(path, args, vocab):
     return step, (offset, skip), info.get("recipe", {})
 
 
+class Restored(NamedTuple):
+    params: dict
+    opt_state: tuple
+    step: int
+    position: tuple  # (byte offset of a line of --data, tokens of it already used)
+    recipe: dict  # the RECIPE flags the run was saved with
+
+
 def restore(path, config, optimizer, mesh, args):
-    """-> (params, opt_state, step, data position, recipe flags), read tensor by tensor into their
-    shards; a ValueError if the checkpoint is damaged."""
-    saved_config = formats.read_config(path)
+    """A checkpoint read tensor by tensor into its shards; a ValueError if it is damaged."""
+    saved_config = checkpoint.read_config(path)
     mismatch = differences(saved_config, config)
     if mismatch:
         raise SystemExit(f"error: {path} holds another model than the one asked for ({mismatch}); "
                          f"use another --out, or the run's own --size / --init")
     step, position, recipe = read_train_state(path, args, config.vocab)  # before the weights: it is cheap
     # checks the checksums, every tensor against the config, and that the weights are finite
-    _, params = formats.load_sharded(path, mesh, trust_unverified=args.trust_unverified)
+    _, params = checkpoint.load_sharded(path, mesh, trust_unverified=args.trust_unverified)
     opt_shapes = jax.eval_shape(optimizer.init, params)
     opt_file = os.path.join(path, "opt_state.safetensors")
     try:
-        stored = {name: (shape, formats.NUMPY_DTYPES.get(dtype)) for name, (shape, dtype) in formats.tensor_headers(opt_file).items()}
+        stored = {name: (shape, files.NUMPY_DTYPES.get(dtype)) for name, (shape, dtype) in files.tensor_headers(opt_file).items()}
     except Exception as e:
         raise ValueError(f"{path}: unreadable optimizer state ({e})") from None
     leaves = jax.tree.leaves(opt_shapes)
     if stored != {str(i): (leaf.shape, leaf.dtype) for i, leaf in enumerate(leaves)}:
         raise ValueError(f"{path}: opt_state.safetensors does not match the model")
-    read = lambda i, index: formats.read_finite(f"{opt_file}: tensor {i}", partial(formats.read_slice, opt_file, str(i)), index)
+    read = lambda i, index: files.read_finite(f"{opt_file}: tensor {i}", partial(files.read_slice, opt_file, str(i)), index)
     opt_leaves = [jax.make_array_from_callback(leaf.shape, sharding, partial(read, i))
                   for i, (leaf, sharding) in enumerate(zip(leaves, jax.tree.leaves(state_shardings(config, optimizer, mesh)[1])))]
-    return params, jax.tree.unflatten(jax.tree.structure(opt_shapes), opt_leaves), step, position, recipe
+    return Restored(params, jax.tree.unflatten(jax.tree.structure(opt_shapes), opt_leaves), step, position, recipe)
 
 
 def resume(config, optimizer, mesh, args):
     """The newest checkpoint that loads (None for a new run); a damaged one is named and the
     previous one tried."""
-    found = formats.run_checkpoints(args.out)
+    found = checkpoint.run_checkpoints(args.out)
     for path in reversed(found):
         try:
             restored = restore(path, config, optimizer, mesh, args)
-            print(f"resuming from {path} (step {restored[2]})")
+            print(f"resuming from {path} (step {restored.step})")
             return restored
         except ValueError as e:
             print(f"warning: {path} is damaged ({e}); trying the previous checkpoint")
@@ -380,7 +390,7 @@ def trim_metrics(out, step):
                     kept.append(line)
             except Exception:
                 continue
-    with formats.atomic_file(path) as f:
+    with files.atomic_file(path) as f:
         f.writelines(kept)
 
 
@@ -463,9 +473,9 @@ def model_config(args):
         return dataclasses.replace(model.CONFIGS[args.size], dtype=args.dtype), None
     if not os.path.isdir(args.init):
         raise SystemExit(f"error: --init {args.init}: no such folder")
-    init = formats.newest_checkpoint(args.init)
+    init = checkpoint.newest_checkpoint(args.init)
     try:
-        config = dataclasses.replace(formats.checkpoint_config(init), dtype=args.dtype)
+        config = dataclasses.replace(checkpoint.checkpoint_config(init), dtype=args.dtype)
     except (OSError, ValueError) as e:
         raise SystemExit(f"error: --init: {e} (expected a model.py checkpoint, a train.py run folder or a "
                          f"Hugging Face Llama folder)")
@@ -476,35 +486,34 @@ def model_config(args):
     return config, init
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    with contextlib.ExitStack() as run_folder:  # holds the run folder's lock until the end
-        try:
-            return train(args, run_folder)
-        except OSError as e:  # an unwritable or vanished --out, a full disk
-            raise SystemExit(f"error: {e.filename or args.out}: {e.strerror}") from None
+def log(message):
+    if jax.process_index() == 0:  # one process speaks for the run
+        tqdm.write(message)
 
 
-def train(args, run_folder):
+def hold_run_folder(out, run_folder):
+    """Process 0 writes the run folder, so it alone holds the lock (until run_folder closes)."""
+    if jax.process_index() == 0:
+        run_folder.enter_context(run_lock(out))
+        check_run_folder(out)
+
+
+def set_up(args, run_folder):
+    """Everything checked before any weights are read: -> (Config, --init checkpoint or None, mesh,
+    optimizer, schedule, whether the run folder is locked yet)."""
     if args.distributed or int(os.environ.get("SLURM_NTASKS", "1")) > 1:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU runs; GPUs/TPUs ignore it
         jax.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    if not args.compile_only and not os.path.isfile(args.data):  # before any weights are read or compiled
-        raise SystemExit(f"error: --data {args.data}: no such file")
-
-    def lock_run_folder():  # process 0 writes the run folder, so it alone holds the lock
-        if jax.process_index() == 0:
-            run_folder.enter_context(run_lock(args.out))
-            check_run_folder(args.out)
-
     locked = not args.compile_only and os.path.isdir(args.out)
     if not args.compile_only:
+        if not os.path.isfile(args.data):
+            raise SystemExit(f"error: --data {args.data}: no such file")
         try:
-            formats.check_outputs([path for path in (args.data, args.eval_data, args.init) if path], [args.out])
+            files.check_outputs([path for path in (args.data, args.eval_data, args.init) if path], [args.out])
         except ValueError as e:
             raise SystemExit(f"error: {e}")
-        if locked:  # before any weights are read: a second trainer stops at once
-            lock_run_folder()
+        if locked:  # a second trainer on an existing run folder stops at once
+            hold_run_folder(args.out, run_folder)
     config, init = model_config(args)
     if args.seq_len > config.max_seq:
         raise SystemExit(f"error: --seq_len {args.seq_len} is longer than the model's {config.max_seq}")
@@ -515,16 +524,12 @@ def train(args, run_folder):
     if args.batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
         raise SystemExit(f"error: --batch_size {args.batch_size} must divide over data x fsdp = "
                          f"{mesh.shape['data'] * mesh.shape['fsdp']} devices")
-    optimizer, schedule = make_optimizer(args)
-    if args.compile_only:
-        return compile_only(args, config, optimizer, mesh)
+    return config, init, mesh, *make_optimizer(args), locked
 
-    def log(message):
-        if jax.process_index() == 0:
-            tqdm.write(message)
 
-    eval_batches = read_eval_batches(args, config.vocab) if args.eval_data else []
-    recipe = {name: getattr(args, name) for name in RECIPE}
+def starting_state(args, config, init, optimizer, mesh, recipe):
+    """-> (params, opt_state, step, data position): the run's newest checkpoint, else the --init
+    weights or random ones at step 0."""
     restored = resume(config, optimizer, mesh, args)
     if restored:
         params, opt_state, step, position, saved_recipe = restored
@@ -537,43 +542,86 @@ def train(args, run_folder):
         if step >= args.steps:
             raise SystemExit(f"error: the run in {args.out} is already at step {step}; --steps {args.steps} leaves "
                              f"nothing to do (raise --steps to train further)")
+        return params, opt_state, step, position
+    if init:
+        log(f"starting from the weights of {init}")
+        try:
+            _, params = checkpoint.load_sharded(init, mesh, trust_unverified=args.trust_unverified)
+        except ValueError as e:
+            raise SystemExit(f"error: --init: {e}")
     else:
-        if init:
-            log(f"starting from the weights of {init}")
-            try:
-                _, params = formats.load_sharded(init, mesh, trust_unverified=args.trust_unverified)
-            except ValueError as e:
-                raise SystemExit(f"error: --init: {e}")
-        else:
-            params = model.create_params(config, jax.random.key(args.seed), mesh)
-        opt_state = jax.jit(optimizer.init, out_shardings=state_shardings(config, optimizer, mesh)[1])(params)
-        step, position = 0, (0, 0)
-    rows = args.accum * args.batch_size
+        params = model.create_params(config, jax.random.key(args.seed), mesh)
+    opt_state = jax.jit(optimizer.init, out_shardings=state_shardings(config, optimizer, mesh)[1])(params)
+    return params, opt_state, 0, (0, 0)
 
+
+def open_data(args, vocab, position):
+    """-> (the token stream at `position`, its first batch): data that gives no batch fails here,
+    before the run folder is made."""
     try:
-        stream = TokenStream(args.data, rows, args.seq_len, config.vocab, position, log, args.image_tokens)
-        first_batch = stream.next_batch()  # data that gives no batch fails here, before the run folder exists
+        stream = TokenStream(args.data, args.accum * args.batch_size, args.seq_len, vocab, position, log,
+                             args.image_tokens)
+        return stream, stream.next_batch()
     except OSError as e:
         raise SystemExit(f"error: {args.data}: {e.strerror}")
     except ValueError as e:
         raise SystemExit(f"error: {e}")
+
+
+def check_finite(loss, grad_norm, params, out, step, bar):
+    """Stop before a save could write a diverged model: checkpoints stay good. params None: not saving."""
+    weights_finite = params is None or bool(all_finite(params))
+    if not (math.isfinite(loss + grad_norm) and weights_finite):
+        bar.close()
+        raise SystemExit(f"error: loss is {loss}, gradient norm {grad_norm}{'' if weights_finite else ', weights not finite'}"
+                         f" at step {step}; stopping. The last good checkpoint is "
+                         f"{(checkpoint.run_checkpoints(out) or ['(none)'])[-1]}")
+
+
+@jax.jit
+def all_finite(tree):
+    return jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)]))
+
+
+def write_metrics(out, record, bar):
+    """One line of out/metrics.jsonl, and the figures that matter on the progress bar."""
+    if jax.process_index() == 0:
+        with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+            f.write(json.dumps(record) + "\n")
+    mfu = {"mfu": f"{record['mfu']:.1%}"} if record["mfu"] is not None else {}  # unknown peak (CPU): no figure
+    bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{record['tokens_per_sec']:.0f}", **mfu)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    with contextlib.ExitStack() as run_folder:  # holds the run folder's lock until the end
+        try:
+            return train(args, run_folder)
+        except OSError as e:  # an unwritable or vanished --out, a full disk
+            raise SystemExit(f"error: {e.filename or args.out}: {e.strerror}") from None
+
+
+def train(args, run_folder):
+    config, init, mesh, optimizer, schedule, locked = set_up(args, run_folder)
+    if args.compile_only:
+        return compile_only(args, config, optimizer, mesh)
+    eval_batches = read_eval_batches(args, config.vocab) if args.eval_data else []
+    recipe = {name: getattr(args, name) for name in RECIPE}
+    params, opt_state, step, position = starting_state(args, config, init, optimizer, mesh, recipe)
+    stream, first_batch = open_data(args, config.vocab, position)
     os.makedirs(args.out, exist_ok=True)  # only once the inputs are known to be there
     if not locked:
-        lock_run_folder()
+        hold_run_folder(args.out, run_folder)
     if jax.process_index() == 0:
         trim_metrics(args.out, step)
-    eval_step = jax.jit(lambda p, x, y: loss_fn(p, x, y, config))
-    all_finite = jax.jit(lambda tree: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(tree)])))
-    tokens_per_step = rows * args.seq_len
-    flops_per_step = model.flops_per_token(config, args.seq_len) * tokens_per_step
-    peak = peak_flops(args)
     log(f"compiling the train step ({args.size or 'size of --init'}, {config.dtype}, mesh {dict(mesh.shape)}) ...")
     config, train_step, step_bytes = compile_with_remat_choice(args, config, optimizer, mesh)
-    log(f"compiled: {step_bytes / 2**30:.2f} GiB per device, remat {'on' if config.remat else 'off'} "
-        f"(--remat {args.remat})")
+    log(f"compiled: {step_bytes / 2**30:.2f} GiB per device, remat {'on' if config.remat else 'off'} (--remat {args.remat})")
+    eval_step = jax.jit(lambda p, x, y: loss_fn(p, x, y, config))
+    tokens_per_step = args.accum * args.batch_size * args.seq_len
+    flops_per_step, peak = model.flops_per_token(config, args.seq_len) * tokens_per_step, peak_flops(args)
     bar = tqdm(total=args.steps, initial=step, unit="step", disable=jax.process_index() != 0)
-    first_step = last_step = step
-    last_time = time.perf_counter()
+    first_step, (last_step, last_time) = step, (step, time.perf_counter())
     with jax.set_mesh(mesh):
         while step < args.steps:
             inputs, targets = first_batch if step == first_step else stream.next_batch()
@@ -589,28 +637,17 @@ def train(args, run_folder):
             if not (logging or saving):
                 continue  # no host sync: the next step is dispatched while this one runs
             loss, grad_norm = float(metrics["loss"]), float(metrics["grad_norm"])
-            weights_finite = not saving or bool(all_finite(params))
-            if not (math.isfinite(loss + grad_norm) and weights_finite):  # checked before any save: checkpoints stay good
-                bar.close()
-                raise SystemExit(f"error: loss is {loss}, gradient norm {grad_norm}{'' if weights_finite else ', weights not finite'}"
-                                 f" at step {step}; stopping. The last good checkpoint is "
-                                 f"{(formats.run_checkpoints(args.out) or ['(none)'])[-1]}")
+            check_finite(loss, grad_norm, params if saving else None, args.out, step, bar)
             if logging:
                 now = time.perf_counter()
-                seconds = (now - last_time) / (step - last_step)
-                last_time, last_step = now, step
-                record = {"step": step, "loss": loss, "lr": float(schedule(step - 1)),
-                          "grad_norm": grad_norm, "tokens_per_sec": tokens_per_step / seconds,
+                seconds, last_step, last_time = (now - last_time) / (step - last_step), step, now
+                record = {"step": step, "loss": loss, "lr": float(schedule(step - 1)), "grad_norm": grad_norm,
+                          "tokens_per_sec": tokens_per_step / seconds,
                           "mfu": flops_per_step / seconds / (peak * jax.device_count()) if peak else None}
                 if evaluating:
                     record["eval_loss"] = evaluate(eval_step, params, eval_batches, mesh, args.batch_size)
                     record["eval_perplexity"] = math.exp(record["eval_loss"])
-                if jax.process_index() == 0:
-                    with open(os.path.join(args.out, "metrics.jsonl"), "a") as f:
-                        f.write(json.dumps(record) + "\n")
-                mfu = {"mfu": f"{record['mfu']:.1%}"} if peak else {}  # unknown peak (CPU): no figure
-                bar.set_postfix(loss=f"{loss:.3f}", lr=f"{record['lr']:.2e}",
-                                tok_s=f"{record['tokens_per_sec']:.0f}", **mfu)
+                write_metrics(args.out, record, bar)
             if saving:
                 save(args.out, step, config, params, opt_state, stream.position, args.keep, recipe)
     bar.close()

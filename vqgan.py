@@ -23,11 +23,13 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-import formats
+import cli
+import files
+import vqgan_files
 
 
 IMAGE_SIZE = 256
-TOKENS_PER_IMAGE = formats.IMAGE_TOKENS  # (256 / 16) ** 2: the encoder downsamples by 16
+TOKENS_PER_IMAGE = files.IMAGE_TOKENS  # (256 / 16) ** 2: the encoder downsamples by 16
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
@@ -71,8 +73,8 @@ def conv(p, name, x, stride=1, padding="SAME"):
 
 def group_norm(p, name, x, groups, eps=1e-6):  # x (batch, h, w, channels)
     """Statistics reduced over h, w per channel first, then over each group's channels: XLA's CPU
-    reductions over the leading dims of (batch, h, w, channels) are fast (encoder 7% faster than
-    reducing a (batch, h, w, groups, channels / groups) view in one go)."""
+    reductions over the leading dims of (batch, h, w, channels) are faster than over a
+    (batch, h, w, groups, channels / groups) view."""
     B, H, W, C = x.shape
     group_mean = lambda per_channel: jnp.repeat(per_channel.reshape(B, groups, -1).mean(-1), C // groups, axis=1)
     mean = group_mean(jnp.mean(x, axis=(1, 2)))[:, None, None]  # (batch, 1, 1, channels)
@@ -250,7 +252,7 @@ def load_image(path):
 
 def save_image(path, pixels):
     """float (h, w, 3) in [0, 1] -> PNG, written whole or not at all."""
-    with formats.atomic_file(path, "wb") as f:
+    with files.atomic_file(path, "wb") as f:
         Image.fromarray(np.round(np.clip(pixels, 0, 1) * 255).astype(np.uint8)).save(f, format="PNG")
 
 
@@ -265,7 +267,7 @@ def image_grid(rows):
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints: the released muse folder or aMUSEd's diffusers layout (formats.py reads the files)
+# Checkpoints: the released muse folder or aMUSEd's diffusers layout (vqgan_files.py reads the files)
 
 
 def expected_shapes(config):
@@ -370,7 +372,7 @@ def load_vqgan(path):
     weights_file = os.path.join(path, safetensors[0] if safetensors else "pytorch_model.bin")
     if not os.path.isfile(weights_file):
         raise ValueError(f"{path}: no pytorch_model.bin or *.safetensors weights")
-    config_dict = formats.read_json_object(config_file)
+    config_dict = files.read_json_object(config_file)
     if "hidden" in config_dict or config_dict.get("model_type") == "llama":
         raise ValueError(f"{path}: this is an LVM checkpoint (the language model), not a VQGAN; "
                          f"--vqgan takes the tokenizer's folder")
@@ -381,10 +383,10 @@ def load_vqgan(path):
         if unsupported:
             raise ValueError(f"{config_file}: unsupported VQGAN options {unsupported}")
         config = check_config({k: v for k, v in config_dict.items() if k in known}, config_file)
-    state = formats.read_state_dict(weights_file)
+    state = vqgan_files.read_state_dict(weights_file)
     if "block_out_channels" in config_dict:
         try:
-            fields, state = formats.diffusers_to_muse(config_dict, state)
+            fields, state = vqgan_files.diffusers_to_muse(config_dict, state)
         except (TypeError, KeyError, AttributeError, ZeroDivisionError) as e:
             raise ValueError(f"{config_file}: not a valid VQModel config ({type(e).__name__}: {e})") from None
         config = check_config(fields, config_file)
@@ -405,11 +407,11 @@ def load_vqgan(path):
 def reconstruct(args):
     """Each image beside its reconstruction, as --out/NAME.png; prints images/s and the mean PSNR."""
     outputs = [os.path.join(args.out, os.path.splitext(os.path.basename(path))[0] + ".png") for path in args.images]
-    formats.check_outputs([*args.images, args.vqgan], [args.out])
-    formats.check_outputs([], outputs)  # a.png and a.jpg would both write a.png
+    files.check_outputs([*args.images, args.vqgan], [args.out])
+    files.check_outputs([], outputs)  # a.png and a.jpg would both write a.png
     params, config = load_vqgan(args.vqgan)
     images = np.stack([load_image(p) for p in args.images])
-    formats.make_output_dir(args.out)
+    files.make_output_dir(args.out)
     encode(params, config, images[:1]), decode(params, config, np.zeros((1, 256), np.int32))  # compile
     start = time.perf_counter()
     recons, bar = [], tqdm(range(0, len(images), args.batch_size), unit="batch")
@@ -426,11 +428,11 @@ def reconstruct(args):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=formats.HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
     parser.add_argument("images", nargs="+", help="image files")
     parser.add_argument("--vqgan", required=True, help="VQGAN checkpoint folder")
     parser.add_argument("--out", required=True, help="folder for original|reconstruction PNGs")
-    parser.add_argument("--batch_size", type=formats.bounded(int, 1), default=8, help="images per VQGAN call")
+    parser.add_argument("--batch_size", type=cli.bounded(int, 1), default=8, help="images per VQGAN call")
     args = parser.parse_args(argv)
     try:
         reconstruct(args)

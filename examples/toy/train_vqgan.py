@@ -7,18 +7,10 @@ model.safetensors in the muse layout), so tokenize_data.py and sample.py use it 
 Losses: reconstruction (MSE) + codebook + commitment, straight-through gradients (no perceptual or
 adversarial loss: no pretrained network is available offline).
 
-The network starts as an exact patch-mean-colour autoencoder (--init carrier, below): training from
-random weights reached 16-19 dB after 300 steps (10 minutes on 2 cores) and never passed the
-per-image mean colour. The codebook starts as k-means of the latents of --kmeans_images images, seeded
-at farthest points so that each distinct latent gets one code; codes unused for --restart_every steps
-move onto the latents the codebook serves worst, if any are badly served (place_codes). Measured on
-the toy world of smooth shapes: held-out 27.2 dB at the start and after 60 or 150 steps at lr 2e-5;
-learning rates of 5e-5 and up drift away from the start (16-24 dB on the way) faster than they learn
-edges in a few hundred steps, so the default is 50 gentle steps. On today's toy world (objects drawn
-in whole 16x16 cells) the start is already exact and 25 steps give 46.8 dB with one code per colour
-in 100% of the flat cells (random seeding and restarts onto random latents gave a colour up to 3
-codes, picked by float noise). Training uses whole 256x256 images (--crop for random crops on the
-16-pixel grid; GroupNorm statistics of crops differ from whole images).
+The network starts as an exact patch-mean-colour autoencoder (--init carrier) and the codebook as
+k-means of its latents, one code per distinct latent (place_codes moves unused codes onto the worst
+served ones): from random weights it never passed the per-image mean colour. The measured runs
+behind these choices are in examples/toy/NOTES.md.
 """
 import argparse
 import json
@@ -33,7 +25,8 @@ import optax
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-import formats  # noqa: E402  (the repo's shared libraries)
+import cli  # noqa: E402  (the repo's shared libraries)
+import files  # noqa: E402
 import vqgan  # noqa: E402
 
 
@@ -230,27 +223,28 @@ def save(folder, config, params):
         array = np.asarray(array, np.float32)
         return array.transpose(3, 2, 0, 1) if array.ndim == 4 else array
 
-    entries = [(name, torch_layout(a).shape, np.float32, lambda a=a: torch_layout(a)) for name, a in sorted(params.items())]
+    tensors = [files.Tensor(name, torch_layout(a).shape, np.float32, lambda a=a: torch_layout(a))
+               for name, a in sorted(params.items())]
     fields = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(config).items()}
-    with formats.atomic_dir(folder) as tmp:
-        formats.write_safetensors(os.path.join(tmp, "model.safetensors"), entries, metadata={"format": "pt"})
+    with files.atomic_dir(folder) as tmp:
+        files.write_safetensors(os.path.join(tmp, "model.safetensors"), tensors, metadata={"format": "pt"})
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(fields, f, indent=2)
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=formats.HelpFormatter)
-    count = formats.bounded(int, 1)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=cli.HelpFormatter)
+    count = cli.bounded(int, 1)
     p.add_argument("--data", required=True, help="folder searched recursively for images")
     p.add_argument("--out", required=True, help="VQGAN folder to write")
     p.add_argument("--steps", type=count, default=50)
-    p.add_argument("--ae_steps", type=formats.bounded(int, 0), default=0, help="first steps without quantization")
+    p.add_argument("--ae_steps", type=cli.bounded(int, 0), default=0, help="first steps without quantization")
     p.add_argument("--batch_size", type=count, default=4)
     p.add_argument("--crop", type=int, default=256, help="training crop side, a multiple of 16")
-    p.add_argument("--lr", type=formats.bounded(float, 1e-12), default=2e-5, help="peak learning rate")
-    p.add_argument("--branch_lr", type=formats.bounded(float, 1e-12), default=2e-5,
+    p.add_argument("--lr", type=cli.bounded(float, 1e-12), default=2e-5, help="peak learning rate")
+    p.add_argument("--branch_lr", type=cli.bounded(float, 1e-12), default=2e-5,
                    help="peak learning rate of the residual branches and the codebook")
-    p.add_argument("--beta", type=formats.bounded(float, 0.0), default=0.25, help="commitment cost")
+    p.add_argument("--beta", type=cli.bounded(float, 0.0), default=0.25, help="commitment cost")
     p.add_argument("--restart_every", type=count, default=100, help="steps between dead-code restarts")
     p.add_argument("--hidden", type=count, default=16, help="channels at full resolution")
     p.add_argument("--channel_mult", default="1,2,2,4,4")
@@ -270,7 +264,7 @@ def main(argv=None):
     if args.crop % 16 or not 16 <= args.crop <= vqgan.IMAGE_SIZE:
         p.error("--crop must be a multiple of 16 in [16, 256]")
     try:
-        formats.check_outputs([args.data], [args.out])
+        files.check_outputs([args.data], [args.out])
     except ValueError as e:
         p.error(f"--out {e}")
     config = vqgan.VQConfig(hidden_channels=args.hidden, channel_mult=tuple(int(m) for m in args.channel_mult.split(",")),

@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
-import formats  # noqa: E402  (the repo's shared libraries)
+import files  # noqa: E402  (the repo's shared libraries)
 
 SIZE = 256
 GRID = 16  # px per VQGAN token: everything is drawn in whole tokens
@@ -342,7 +342,7 @@ def changed_cell_accuracy(query, answer, truth):
 def read_jobs(path):
     """The prompt lines of a jsonl that `prompts` wrote; ValueError naming a line that is not one."""
     jobs = []
-    for number, job in formats.jsonl_objects(path):
+    for number, job in files.jsonl_objects(path):
         if not (all(isinstance(job.get(k), str) for k in ("task", "target", "output", "rule"))
                 and isinstance(job.get("input"), list) and len(job["input"]) >= 2
                 and all(isinstance(p, str) for p in job["input"])):
@@ -360,7 +360,7 @@ def score(args):
     the changed-cell accuracy, with the prompt's own examples and with swapped ones."""
     jobs = read_jobs(os.path.join(args.dir, "jobs.jsonl"))
     results = os.path.join(args.dir, "results.png")
-    formats.check_outputs([os.path.join(args.dir, p) for job in jobs for p in (*job["input"], job["target"], job["output"])],
+    files.check_outputs([os.path.join(args.dir, p) for job in jobs for p in (*job["input"], job["target"], job["output"])],
                           [results])
     rows, shown = {}, []
     for job in jobs:
