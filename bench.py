@@ -216,9 +216,11 @@ def peak_rss(code, args, cwd, env=None):
             "print('PEAK', peak, time.time() - start)")
     out = subprocess.run([sys.executable, "-c", code, *args], cwd=cwd, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": HERE, **(env or {})})
-    peak_kb, seconds = next((line.split()[1:] for line in out.stdout.splitlines() if line.startswith("PEAK")),
-                            (0, out.stderr[-500:]))
-    return int(peak_kb) / 1e6, seconds
+    found = [line.split()[1:] for line in out.stdout.splitlines() if line.startswith("PEAK")]
+    if not found:
+        raise RuntimeError(f"{' '.join(args)} failed: {out.stderr[-500:]}")
+    peak_kb, seconds = found[0]
+    return int(peak_kb) / 1e6, float(seconds)
 
 
 def bench_convert(size="1b"):
@@ -235,22 +237,23 @@ def bench_convert(size="1b"):
         files.write_safetensors(os.path.join(tmp, "ckpt", "params.safetensors"), tensors)
         with open(os.path.join(tmp, "ckpt", "config.json"), "w") as f:
             json.dump(dataclasses.asdict(config), f)
+        files.write_checksums(os.path.join(tmp, "ckpt"))
         size_gb = os.path.getsize(os.path.join(tmp, "ckpt", "params.safetensors")) / 1e9
         print("| command | checkpoint in | peak RSS | seconds |\n|---|---|---|---|")
         convert = "sys.argv = ['convert_hf.py'] + sys.argv[1:]; import convert_hf; convert_hf.main()"
         for command, source in [(["to-hf", "ckpt", "hf", "--dtype", "bfloat16", "--shard_size", "1GB"], size_gb),
                                 (["from-hf", "hf", "back"], size_gb / 2)]:
             peak, seconds = peak_rss(convert, command, tmp)
-            print(f"| {' '.join(command[:1] + command[3:])} | {source:.2f} GB | {peak:.2f} GB | {float(seconds):.0f} |")
+            print(f"| {' '.join(command[:1] + command[3:])} | {source:.2f} GB | {peak:.2f} GB | {seconds:.0f} |")
         # --init's loading on 8 fake CPU devices, whose "device" buffers are host memory too: the
         # loaded params (1x the bf16 folder in bfloat16, 2x in float32) count in the peak
-        load = ("import jax, jax.numpy as jnp, model; "
+        load = ("import jax, jax.numpy as jnp, checkpoint, model; "
                 "jax.block_until_ready(checkpoint.load_sharded('hf', model.make_mesh('1,-1,1'), getattr(jnp, sys.argv[1])))")
         for dtype, resident in [("bfloat16", 1), ("float32", 2)]:
             peak, seconds = peak_rss(load, [dtype], tmp, {"XLA_FLAGS": "--xla_force_host_platform_device_count=8",
                                                         "JAX_PLATFORMS": "cpu"})
             print(f"| --init load_sharded, 8 devices, params in {dtype} ({resident}x the folder) | "
-                  f"{size_gb / 2:.2f} GB bf16 | {peak:.2f} GB | {float(seconds):.0f} |")
+                  f"{size_gb / 2:.2f} GB bf16 | {peak:.2f} GB | {seconds:.0f} |")
 
 
 SECTIONS = {"vqgan": bench_vqgan, "tokenize": bench_tokenize, "train": bench_train, "sample": bench_sample,
