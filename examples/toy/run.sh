@@ -25,6 +25,9 @@ if [ "${2:-}" = --smoke ]; then
 else
   CLIPS=200 PAIRS=900 PER_RULE=3 VQ_STEPS=25 VQ_AE=0 LVM_STEPS=3600 PER_TASK=30 BATCH=2
 fi
+# glibc's huge pages for malloc: XLA's per-step temporaries then come without 4 KB page faults (the
+# toy step about 12% faster, the same weights: docs/NOTES.md); glibc reads it at process start
+export GLIBC_TUNABLES=${GLIBC_TUNABLES:-glibc.malloc.hugetlb=1}
 started=$SECONDS
 stage() { echo; echo "== [$(( (SECONDS - started) / 60 ))m$(( (SECONDS - started) % 60 ))s] $*"; }
 
