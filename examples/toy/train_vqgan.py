@@ -51,7 +51,7 @@ def init_params(config, key):
 
 
 # The carrier start: weights that make the untrained network an exact patch-mean-colour autoencoder
-# (the encoder averages each 16x16 patch, the decoder paints it flat: 27 dB on the toy world), so
+# (the encoder averages each 16x16 patch, the decoder paints it flat), so
 # training spends its few minutes on edges, not on discovering colour. Two facts make it exact in
 # the muse architecture: every channel is carried with its negative (silu(x) - silu(-x) = x, and a
 # group of +/- pairs has mean 0 for GroupNorm), and each group also carries a constant pair +/-C,
@@ -254,7 +254,7 @@ def main(argv=None):
     p.add_argument("--embed_dim", type=count, default=8, help="code dimension")
     p.add_argument("--codes", type=count, default=1024)
     p.add_argument("--init", choices=["carrier", "random"], default="carrier",
-                   help="carrier: start as an exact patch-mean-colour autoencoder (27 dB on the toy world); "
+                   help="carrier: start as an exact patch-mean-colour autoencoder; "
                         "random: He init")
     p.add_argument("--kmeans_images", type=count, default=256, help="images whose latents start the codebook")
     p.add_argument("--max_images", type=count, default=2000)
