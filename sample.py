@@ -170,7 +170,7 @@ def checked_jobs(args):
         return None
     jobs = read_jobs(args.batch, ("input", "output"))
     files.check_outputs([args.batch, *models, *(path for _, job in jobs for path in job["input"])],
-                          [job["output"] for _, job in jobs])
+                        [job["output"] for _, job in jobs])
     return jobs
 
 

@@ -361,7 +361,7 @@ def score(args):
     jobs = read_jobs(os.path.join(args.dir, "jobs.jsonl"))
     results = os.path.join(args.dir, "results.png")
     files.check_outputs([os.path.join(args.dir, p) for job in jobs for p in (*job["input"], job["target"], job["output"])],
-                          [results])
+                        [results])
     rows, shown = {}, []
     for job in jobs:
         output = os.path.join(args.dir, job["output"])
