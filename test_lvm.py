@@ -1011,12 +1011,37 @@ def read_metrics(out):
     return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
 
 
-def test_debug_model_learns_to_copy(tmp_path):
+# ln(8192) = 9.01 at the start; copying lowers the loss on every token to ln(64) / 2 = 2.08 at best (the
+# a and b images are random), the loss on the answers (the copies) towards 0
+@pytest.mark.parametrize("loss_on, below", [("all", 3.0), ("answers", 1.0)])
+def test_debug_model_learns_to_copy(tmp_path, loss_on, below):
     data = copy_corpus(tmp_path / "copy.jsonl")
     train.main(train_args(data, tmp_path / "run", "--steps", "300", "--seq_len", "128", "--decay_steps", "300",
-                          "--warmup", "20", "--log_every", "20", "--save_every", "1000"))
+                          "--warmup", "20", "--log_every", "20", "--save_every", "1000", "--loss_on", loss_on))
     losses = [m["loss"] for m in read_metrics(tmp_path / "run")]
-    assert losses[0] > 4.0 and losses[-1] < 3.0, losses  # ln(8192) = 9.01, no copying = 4.16
+    assert losses[0] > 4.0 and losses[-1] < below, losses
+
+
+def test_answer_loss_counts_only_the_odd_images_of_each_line(tmp_path):
+    # lines of 3 and 2 'images' of 2 tokens; the targets are tokens 1..9 of the stream 0 1 2 3 4 5 10 11 12 13
+    path = write_jsonl(tmp_path / "data.jsonl", [np.arange(6), 10 + np.arange(4)])
+    stream = train.TokenStream(path, rows=1, seq_len=9, vocab=64, image_tokens=2, answers_only=True)
+    inputs, targets = stream.next_batch()
+    ignored = train.IGNORED
+    np.testing.assert_array_equal(inputs[0], [0, 1, 2, 3, 4, 5, 10, 11, 12])
+    np.testing.assert_array_equal(targets[0], [ignored, 2, 3, ignored, ignored, ignored, ignored, 12, 13])
+
+
+def test_loss_is_the_mean_over_the_targets_not_ignored():
+    params = model.init_params(DEBUG, jax.random.key(4))
+    inputs, targets = random_tokens(1, 2, 16), random_tokens(2, 2, 16)
+    targets[:, ::3] = train.IGNORED
+    logits = np.asarray(model.forward(params, inputs, DEBUG), np.float64)
+    log_probs = logits - logits.max(-1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(-1, keepdims=True))
+    kept = targets != train.IGNORED
+    expected = -np.take_along_axis(log_probs, np.where(kept, targets, 0)[..., None], -1)[..., 0][kept].mean()
+    np.testing.assert_allclose(float(train.loss_fn(params, inputs, targets, DEBUG)), expected, rtol=1e-5)
 
 
 def test_gradient_accumulation_equals_one_big_batch():

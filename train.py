@@ -55,6 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--seq_len", type=count, default=4096)
     p.add_argument("--image_tokens", type=count, default=files.IMAGE_TOKENS,
                    help="tokens per image: a line that is not a whole number of images is skipped")
+    p.add_argument("--loss_on", choices=["all", "answers"], default="all",
+                   help="all: every token, as LVM trains; answers: only the images at odd places in a line (the y "
+                        "of each x, y pair; every second frame of a clip)")
     p.add_argument("--lr", type=cli.bounded(float, 0.0), default=1.5e-4)
     p.add_argument("--end_lr", type=cli.bounded(float, 0.0), default=3e-5)
     p.add_argument("--warmup", type=cli.bounded(int, 0), default=8000)
@@ -97,11 +100,13 @@ def parse_args(argv=None):
 
 
 BAD_START = 20  # this many malformed lines before any valid one: not a file of visual sentences
+IGNORED = -1  # a target without loss (--loss_on answers)
 
 
 class TokenStream:
-    def __init__(self, path, rows, seq_len, vocab, position=(0, 0), on_bad_line=print, image_tokens=1):
+    def __init__(self, path, rows, seq_len, vocab, position=(0, 0), on_bad_line=print, image_tokens=1, answers_only=False):
         self.path, self.rows, self.seq_len, self.vocab, self.image_tokens = path, rows, seq_len, vocab, image_tokens
+        self.answers_only = answers_only
         self.file = open(path, "rb")
         self.pending = []  # [(line offset, tokens)], first one partly used
         self.next_offset, self.skip = position[0], position[1]
@@ -148,17 +153,22 @@ class TokenStream:
         self.pending.append((offset, tokens))
 
     def next_batch(self):
-        """-> (inputs, targets) int32 (rows, seq_len); consumes rows x seq_len tokens."""
+        """-> (inputs, targets) int32 (rows, seq_len); consumes rows x seq_len tokens. answers_only:
+        targets outside the answers (IGNORED) carry no loss."""
         need = self.rows * self.seq_len + 1
         while sum(len(t) for _, t in self.pending) - self.skip < need:
             self.read_line()
         stream = np.concatenate([t for _, t in self.pending])[self.skip:self.skip + need]
+        targets = stream[1:].copy()
+        if self.answers_only:  # an answer is an image at an odd place in its line: the y of an (x, y) pair
+            place = np.concatenate([np.arange(len(t)) for _, t in self.pending])[self.skip + 1:self.skip + need]
+            targets[place // self.image_tokens % 2 == 0] = IGNORED
         used = self.skip + need - 1
         while used >= len(self.pending[0][1]):
             used -= len(self.pending.pop(0)[1])
         self.skip = used
         shape = (self.rows, self.seq_len)
-        return stream[:-1].reshape(shape), stream[1:].reshape(shape)
+        return stream[:-1].reshape(shape), targets.reshape(shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -178,8 +188,11 @@ def make_optimizer(args):
 
 
 def loss_fn(params, inputs, targets, config):
+    """Mean cross-entropy over the targets that are not IGNORED."""
     logits = model.forward(params, inputs, config)  # (batch, seq, vocab) float32
-    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+    counted = targets != IGNORED
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(counted, targets, 0))
+    return jnp.sum(losses * counted) / jnp.maximum(counted.sum(), 1)
 
 
 def make_train_step(config, optimizer):
@@ -237,8 +250,8 @@ def global_batch(arrays, mesh, rows):
 
 
 # flags that change what a run computes: recorded in every checkpoint, and a resume says which differ
-RECIPE = ("data", "batch_size", "accum", "seq_len", "lr", "end_lr", "warmup", "decay_steps", "weight_decay", "clip",
-          "dtype", "remat", "seed")
+RECIPE = ("data", "batch_size", "accum", "seq_len", "loss_on", "lr", "end_lr", "warmup", "decay_steps", "weight_decay",
+          "clip", "dtype", "remat", "seed")
 
 
 def save(out, step, config, params, opt_state, data_position, keep, recipe):
@@ -402,7 +415,7 @@ def read_eval_batches(args, vocab):
     file is reported before any training, and every evaluation sees the same batches."""
     try:
         stream = TokenStream(args.eval_data, args.batch_size, args.seq_len, vocab, on_bad_line=lambda m: None,
-                             image_tokens=args.image_tokens)
+                             image_tokens=args.image_tokens, answers_only=args.loss_on == "answers")
         with contextlib.closing(stream):
             return [stream.next_batch() for _ in range(args.eval_batches)]
     except (OSError, ValueError) as e:
@@ -560,7 +573,7 @@ def open_data(args, vocab, position):
     before the run folder is made."""
     try:
         stream = TokenStream(args.data, args.accum * args.batch_size, args.seq_len, vocab, position, log,
-                             args.image_tokens)
+                             args.image_tokens, args.loss_on == "answers")
         return stream, stream.next_batch()
     except OSError as e:
         raise SystemExit(f"error: {args.data}: {e.strerror}")
