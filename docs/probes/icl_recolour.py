@@ -9,7 +9,10 @@ colour 0 to colour 1. model.py's forward and train.py's optimizer, on a model.Co
 Teacher-forced accuracy on the query's answer (48 sentences, half the objects mosaics): background
 cells, object cells, and the object cells whose colour neither the left nor the upper neighbour
 shows, in flat objects ("first") and in mosaics ("mosaic"): there the colour must be read from the
-examples, chance about 1/6. "0->1": those cells of colour 0 under held-out rules.
+examples, chance about 1/6. "0->1": those cells of colour 0 under held-out rules. "once": the
+first cell of each colour of the query (raster order), the only object cells where the colour
+cannot be copied from earlier in the same answer either (teacher-forced, later cells of a colour
+can: docs/NOTES.md, 2026-12-04); a model that reads the map from the examples gets these right.
 
     python docs/probes/icl_recolour.py --steps 1500 --heads 6 --lr 2e-3 --answer_loss 1
 
@@ -66,7 +69,8 @@ def scene(rng, palette, objects, mosaic):
 
 
 def sentence(rng, args, held_out, mosaic):
-    """-> (tokens, first cells, mosaic cells, cells of colour 0, object cells) of the query's answer."""
+    """-> (tokens, first cells, mosaic cells, cells of colour 0, object cells, first cell of each
+    colour) of the query's answer."""
     while True:
         perm = rng.permutation(COLOURS)
         if (perm[0] == 1) == held_out:
@@ -85,8 +89,10 @@ def sentence(rng, args, held_out, mosaic):
     left = np.pad(query, ((0, 0), (1, 0)), constant_values=-1)[:, :-1]
     above = np.pad(query, ((1, 0), (0, 0)), constant_values=-1)[:-1]
     new = objects & (left != query) & (above != query)
+    once = np.zeros(query.size, bool)
+    once[np.unique(query.ravel(), return_index=True)[1]] = True
     return (np.concatenate([i.ravel() for i in images]), (new & (kind == 1)).ravel(), (new & (kind == 2)).ravel(),
-            (query == TILES).ravel(), objects.ravel())
+            (query == TILES).ravel(), objects.ravel(), once & objects.ravel())
 
 
 def batch(rng, args, n, held_out=False, mosaic=None):
@@ -121,10 +127,10 @@ def main():
     opt_state = optimizer.init(params)
 
     def evaluate(held_out, n=48):
-        tokens, first, mosaic, colour0, objects = batch(np.random.default_rng([7, int(held_out)]), args, n, held_out, 0.5)
+        tokens, first, mosaic, colour0, objects, once = batch(np.random.default_rng([7, int(held_out)]), args, n, held_out, 0.5)
         right = np.asarray(predict(params, jnp.asarray(tokens))) == tokens[:, -TOKENS:]
         scores = {"bg": right[~objects].mean(), "obj": right[objects].mean(), "first": right[first].mean(),
-                  "mosaic": right[mosaic].mean()}
+                  "mosaic": right[mosaic].mean(), "once": right[once].mean()}
         if held_out:
             scores["0->1"] = right[(first | mosaic) & colour0].mean()
         return {k: round(float(v), 3) for k, v in scores.items()}
