@@ -1022,6 +1022,13 @@ def test_debug_model_learns_to_copy(tmp_path, loss_on, below):
     assert losses[0] > 4.0 and losses[-1] < below, losses
 
 
+def test_answer_loss_on_lines_of_one_image_is_refused(tmp_path):
+    data = write_jsonl(tmp_path / "single.jsonl", [np.arange(32)] * 8)
+    with pytest.raises(SystemExit, match=r"single.jsonl: --loss_on answers found no answer"):
+        train.main(train_args(data, tmp_path / "run", "--steps", "2", "--loss_on", "answers"))
+    assert not os.path.exists(tmp_path / "run")
+
+
 def test_answer_loss_counts_only_the_odd_images_of_each_line(tmp_path):
     # lines of 3 and 2 'images' of 2 tokens; the targets are tokens 1..9 of the stream 0 1 2 3 4 5 10 11 12 13
     path = write_jsonl(tmp_path / "data.jsonl", [np.arange(6), 10 + np.arange(4)])

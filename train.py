@@ -574,11 +574,15 @@ def open_data(args, vocab, position):
     try:
         stream = TokenStream(args.data, args.accum * args.batch_size, args.seq_len, vocab, position, log,
                              args.image_tokens, args.loss_on == "answers")
-        return stream, stream.next_batch()
+        batch = stream.next_batch()
     except OSError as e:
         raise SystemExit(f"error: {args.data}: {e.strerror}")
     except ValueError as e:
         raise SystemExit(f"error: {e}")
+    if (batch[1] == IGNORED).all():  # lines of one image each: --loss_on answers would train on nothing
+        raise SystemExit(f"error: {args.data}: --loss_on answers found no answer (a second image in a line) in the "
+                         f"first batch")
+    return stream, batch
 
 
 def check_finite(loss, grad_norm, params, out, step, bar):
