@@ -1852,17 +1852,21 @@ def test_no_training_pair_holds_a_held_out_rule_piece(tmp_path):
     for folder in folders:
         rule = world.parse_rule_folder("recolour", folder.split("-")[1])
         assert rule[source] != target
+        shown = []
         for name in os.listdir(tmp_path / "recolour" / "x" / folder):  # the pixels, not only the folder name
             x, y = (world.load(tmp_path / "recolour" / side / folder / name) for side in "xy")
-            for c in object_colours(x):
+            shown.append(object_colours(x))
+            for c in shown[-1]:
                 np.testing.assert_array_equal(np.all(x == world.COLOURS[c], -1), np.all(y == world.COLOURS[rule[c]], -1))
+        assert len(shown) == 3 and shown[0] and all(s == shown[0] for s in shown)  # each pair shows what any other needs
     kind, colour = world.HELD_OUT["segment"]
     for folder in os.listdir(tmp_path / "segment" / "y"):
         rule = world.parse_rule_folder("segment", folder.split("-", 1)[1])
         assert rule[kind] != colour
-        for name in os.listdir(tmp_path / "segment" / "y" / folder):  # silhouettes only in the rule's colours
-            used = segment_colours(world.load(tmp_path / "segment" / "y" / folder / name))
-            assert used and used <= set(rule)
+        used = [segment_colours(world.load(tmp_path / "segment" / "y" / folder / name))
+                for name in os.listdir(tmp_path / "segment" / "y" / folder)]
+        assert used[0] and used[0] <= set(rule)  # silhouettes only in the rule's colours, the same kinds in each pair
+        assert len(used) == 3 and all(u == used[0] for u in used)
 
 
 @pytest.mark.parametrize("rules", ["held_out", "seen"])

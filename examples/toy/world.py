@@ -8,7 +8,9 @@ rule is drawn per visual sentence, so that only the sentence's example pairs say
 render writes training data in the folder layouts tokenize_data.py reads: DIR/clips/clip_K/ (one
 folder of frames per clip, every object moving one token (16 px) per frame to the left or right,
 bouncing off the borders) and analogy pairs matched by file stem, DIR/TASK/x/RULE/NAME.png ->
-DIR/TASK/y/RULE/NAME.png, one subfolder per rule (colorize, whose rule is fixed: DIR/colorize/x/).
+DIR/TASK/y/RULE/NAME.png, one subfolder per rule (colorize, whose rule is fixed: DIR/colorize/x/),
+whose pairs all show the same colours (recolour) or shape kinds (segment), so that any pair of the
+folder shows every rule piece that another needs.
 The in-context tasks take the same kind of query, a scene, and their rules are drawn per rule folder:
   shift     every pixel moves one token right, left, down or up (wrapping around);
   recolour  the object colours go through a permutation of the six colours;
@@ -216,6 +218,23 @@ def task_pair(task, rule, rng, colours=range(len(COLOURS)), kinds=range(len(SHAP
     return render(scene, gray(COLOURS)), image, scene  # colorize: every object colour has its own gray level
 
 
+def rule_group(task, rule, rng, pairs):
+    """`pairs` pairs under one rule that all show the same rule pieces (the first pair's colours or
+    kinds), so that in any sentence drawn from them the examples show every piece the query needs;
+    with independent scenes a third to a half of the query's object cells would show a piece that no
+    example does, unanswerable from the sentence (docs/NOTES.md, 2026-12-04)."""
+    group = [task_pair(task, rule, rng)]
+    if task not in HELD_OUT:
+        return group + [task_pair(task, rule, rng) for _ in range(pairs - 1)]
+    pieces = pieces_shown(task, group[0][2])
+    only_shown = {"colours": sorted(pieces)} if task == "recolour" else {"kinds": sorted(pieces)}
+    while len(group) < pairs:
+        pair = task_pair(task, rule, rng, **only_shown)
+        if pieces_shown(task, pair[2]) == pieces:
+            group.append(pair)
+    return group
+
+
 def examples_showing(task, rule, rng, shots, need):
     """`shots` example pairs under a rule that together show every rule piece in `need`."""
     while True:
@@ -277,13 +296,13 @@ def render_data(args):
             save(os.path.join(args.out, "clips", f"clip_{c:05d}", f"frame_{f:02d}.png"), image)
     for t, task in enumerate(TASKS):
         rng = np.random.default_rng([args.seed, 1 + t])
-        for k in range(args.pairs):
-            if k % args.pairs_per_rule == 0:
-                rule = draw_rule(task, rng)
-                group = "" if rule is None else f"{k // args.pairs_per_rule:04d}-{rule_folder(task, rule)}"
-            x, y, _ = task_pair(task, rule, rng)
-            save(os.path.join(args.out, task, "x", group, f"{k:05d}.png"), x)
-            save(os.path.join(args.out, task, "y", group, f"{k:05d}.png"), y)
+        for start in range(0, args.pairs, args.pairs_per_rule):
+            rule = draw_rule(task, rng)
+            folder = "" if rule is None else f"{start // args.pairs_per_rule:04d}-{rule_folder(task, rule)}"
+            pairs = rule_group(task, rule, rng, min(args.pairs_per_rule, args.pairs - start))
+            for k, (x, y, _) in enumerate(pairs, start):
+                save(os.path.join(args.out, task, "x", folder, f"{k:05d}.png"), x)
+                save(os.path.join(args.out, task, "y", folder, f"{k:05d}.png"), y)
     print(f"wrote {args.clips} clips of {args.frames} frames and {args.pairs} pairs for each of {', '.join(TASKS)} "
           f"({args.pairs_per_rule} per rule) to {args.out}")
 
