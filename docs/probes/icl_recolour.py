@@ -47,8 +47,9 @@ def parse_args():
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=3)
-    p.add_argument("--answer_loss", type=int, default=0,
-                   help="1: loss on the y images' tokens only; 2: on those after the first pair (answers an example precedes)")
+    p.add_argument("--answer_loss", type=int, choices=(0, 1, 2), default=0,
+                   help="0: loss on every token; 1: on the y images' tokens only; 2: on the y images after the first "
+                        "pair only (the answers an example precedes)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -106,8 +107,8 @@ def main():
     config = model.Config(args.dim, args.hidden, args.layers, args.heads, vocab=356, dtype="bfloat16",
                           max_seq=args.pairs * 2 * TOKENS)
     target = np.arange(args.pairs * 2 * TOKENS - 1) + 1  # the token each position predicts
-    weights = (target // TOKENS % 2 == 1) & (target >= 2 * TOKENS * (args.answer_loss == 2)) if args.answer_loss \
-        else np.ones(len(target), bool)
+    answers = target // TOKENS % 2 == 1
+    weights = (np.ones(len(target), bool), answers, answers & (target >= 2 * TOKENS))[args.answer_loss]
     weights = jnp.asarray(weights / weights.mean(), jnp.float32)
 
     def loss_fn(params, inputs, targets):

@@ -218,19 +218,20 @@ def task_pair(task, rule, rng, colours=range(len(COLOURS)), kinds=range(len(SHAP
     return render(scene, gray(COLOURS)), image, scene  # colorize: every object colour has its own gray level
 
 
+def only_pieces(task, pieces):
+    """task_pair's keywords for scenes of only these rule pieces: colours (recolour) or kinds (segment)."""
+    return {"recolour": {"colours": sorted(pieces)}, "segment": {"kinds": sorted(pieces)}}.get(task, {})
+
+
 def rule_group(task, rule, rng, pairs):
     """`pairs` pairs under one rule that all show the same rule pieces (the first pair's colours or
-    kinds), so that in any sentence drawn from them the examples show every piece the query needs;
-    with independent scenes a third to a half of the query's object cells would show a piece that no
-    example does, unanswerable from the sentence (docs/NOTES.md, 2026-12-04)."""
+    kinds), so that in any sentence drawn from them the examples show every piece the query needs
+    (docs/NOTES.md, 2026-12-04)."""
     group = [task_pair(task, rule, rng)]
-    if task not in HELD_OUT:
-        return group + [task_pair(task, rule, rng) for _ in range(pairs - 1)]
     pieces = pieces_shown(task, group[0][2])
-    only_shown = {"colours": sorted(pieces)} if task == "recolour" else {"kinds": sorted(pieces)}
     while len(group) < pairs:
-        pair = task_pair(task, rule, rng, **only_shown)
-        if pieces_shown(task, pair[2]) == pieces:
+        pair = task_pair(task, rule, rng, **only_pieces(task, pieces))
+        if task not in HELD_OUT or pieces_shown(task, pair[2]) == pieces:
             group.append(pair)
     return group
 
@@ -249,10 +250,9 @@ def analogy_prompt(task, rng, shots, held_out):
     rule = draw_rule(task, rng, held_out)
     need = {HELD_OUT[task][0]} if held_out and task in HELD_OUT else set()
     examples = examples_showing(task, rule, rng, shots, need)
-    shown = sorted(set().union(*(pieces_shown(task, scene) for _, _, scene in examples)))
-    only_shown = {"recolour": {"colours": shown}, "segment": {"kinds": shown}}.get(task, {})
+    shown = set().union(*(pieces_shown(task, scene) for _, _, scene in examples))
     while True:
-        query = task_pair(task, rule, rng, **only_shown)
+        query = task_pair(task, rule, rng, **only_pieces(task, shown))
         pieces = pieces_shown(task, query[2]) if task in HELD_OUT else set()
         if need <= pieces:
             return rule, examples, query, pieces
