@@ -226,8 +226,6 @@ def decode_line(line, vocab=None, image_tokens=1):
     return tokens.astype(np.int32)
 
 
-
-
 # ---------------------------------------------------------------------------------------------
 # Tensor files (safetensors), written and read one tensor at a time: converting or loading a 7B
 # model never holds it twice in host memory. Names are flat ("layers.wq"), as flatten makes them.
