@@ -1908,7 +1908,7 @@ def test_prompts_and_score_against_the_baselines(tmp_path, capsys):
     world.main(["prompts", "--out", str(tmp_path), "--per_task", "2"])
     jobs = [json.loads(line) for line in open(tmp_path / "jobs.jsonl")]
     assert [j["task"] for j in jobs if "swapped" not in j] == [t for t in ("sequence", *world.TASKS) for _ in range(2)]
-    assert len(jobs[0]["input"]) == 5 and len(jobs[2]["input"]) == 7  # frames; 3 pairs + query
+    assert len(jobs[0]["input"]) == 5 and len(jobs[2]["input"]) == 5  # frames; 2 pairs + query
     swapped = [j for j in jobs if "swapped" in j]
     assert sorted(j["task"] for j in swapped) == sorted(world.IN_CONTEXT * 2)
     for job in swapped:  # the same query and truth, other examples

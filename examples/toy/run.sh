@@ -40,13 +40,17 @@ stage "2/7 train the VQGAN ($VQ_STEPS steps)"
 [ -f "$OUT/vqgan/config.json" ] || python $TOY/train_vqgan.py --data "$OUT/data" --out "$OUT/vqgan" \
   --steps $VQ_STEPS --ae_steps $VQ_AE --codes 256
 
-stage "3/7 tokenize: sentences of 6 images (1536 tokens): 6 frames of a clip, or 3 pairs of one rule"
+# a sentence is as long as a prompt with its answer: 2 example pairs and a query pair (or 6 frames); the
+# model only learns the positions it trains on, so a longer prompt would put the answer beyond them
+SHOTS=2
+stage "3/7 tokenize: sentences of 6 images (1536 tokens): 6 frames of a clip, or $((SHOTS + 1)) pairs of one rule"
 mkdir -p "$OUT/tokens"
 [ -f "$OUT/tokens/clips.jsonl" ] || python tokenize_data.py sequence --input "$OUT/data/clips" \
   --output "$OUT/tokens/clips.jsonl" --vqgan "$OUT/vqgan" --frames 6
 for task in $TASKS; do
   [ -f "$OUT/tokens/$task.jsonl" ] || python tokenize_data.py pairs --input "$OUT/data/$task/x" \
-    --targets "$OUT/data/$task/y" --output "$OUT/tokens/$task.jsonl" --vqgan "$OUT/vqgan" --shots 3 --epochs ${EPOCHS[$task]}
+    --targets "$OUT/data/$task/y" --output "$OUT/tokens/$task.jsonl" --vqgan "$OUT/vqgan" --shots $((SHOTS + 1)) \
+    --epochs ${EPOCHS[$task]}
 done
 PARTS=("$OUT/tokens/clips.jsonl")
 for task in $TASKS; do PARTS+=("$OUT/tokens/$task.jsonl"); done
@@ -63,7 +67,7 @@ RULES=(held_out seen)
 stage "5/7 prompts (seed 2, never used for training): $PER_TASK per task, with held-out and with seen rules"
 for rules in "${RULES[@]}"; do
   [ -f "$OUT/prompts_$rules/jobs.jsonl" ] || python $TOY/world.py prompts --out "$OUT/prompts_$rules" --seed 2 \
-    --per_task $PER_TASK --rules $rules
+    --per_task $PER_TASK --rules $rules --shots $SHOTS
 done
 
 stage "6/7 visual prompting, greedy"
