@@ -2,9 +2,10 @@
 LVM read a colour permutation drawn per sentence from its example pairs? No VQGAN (the toy VQGAN
 gives one token per cell colour, so nothing is lost): images are 16x16 token grids, background =
 random tile ids 0..11, objects = squares of 3-4 cells in colour ids 12..17, each flat or a mosaic of
-its image's 3 colours; y = x with the object colours permuted by the sentence's permutation; the
-query uses only colours the examples showed. Held out of training: every permutation mapping
-colour 0 to colour 1. model.py's forward and train.py's optimizer, on a model.Config of the flags.
+its image's colours (3 of the 6 unless --colours); y = x with the object colours permuted by the
+sentence's permutation; the query uses only colours the examples showed. Held out of training:
+every permutation mapping colour 0 to colour 1. model.py's forward and train.py's optimizer, on a
+model.Config of the flags.
 
 Teacher-forced accuracy on the query's answer (48 sentences, half the objects mosaics): background
 cells, object cells, and the object cells whose colour neither the left nor the upper neighbour
@@ -43,6 +44,7 @@ def parse_args():
     p.add_argument("--pairs", type=int, default=3, help="image pairs per sentence, the query's included")
     p.add_argument("--objects", type=int, default=3, help="objects per image")
     p.add_argument("--mosaic", type=float, default=0.5, help="share of mosaic objects in training")
+    p.add_argument("--colours", type=int, default=3, help="object colours per image (its palette), of the 6")
     p.add_argument("--dim", type=int, default=192)
     p.add_argument("--hidden", type=int, default=512)
     p.add_argument("--layers", type=int, default=4)
@@ -80,10 +82,10 @@ def sentence(rng, args, held_out, mosaic):
     images, seen = [], set()
     for k in range(args.pairs):
         if k < args.pairs - 1:
-            palette = rng.choice(COLOURS, 3, replace=False)
+            palette = rng.choice(COLOURS, args.colours, replace=False)
             seen |= set(palette.tolist())
         else:
-            palette = rng.choice(sorted(seen), min(3, len(seen)), replace=False)
+            palette = rng.choice(sorted(seen), min(args.colours, len(seen)), replace=False)
         x, kind = scene(rng, palette, args.objects, mosaic)
         images += [x, np.where(x >= TILES, TILES + perm[np.clip(x - TILES, 0, COLOURS - 1)], x)]
     query = images[-2]
