@@ -464,8 +464,7 @@ def main(argv=None):
     q.add_argument("--seed", type=int, default=1)
     q.add_argument("--per_task", type=int, default=10)
     q.add_argument("--shots", type=int, default=2,
-                   help="example pairs per analogy prompt; run.sh trains on sentences of 2 examples and a query pair, "
-                        "and a longer prompt puts the answer at positions the model never trained on")
+                   help="example pairs per analogy prompt (2: with the query's pair, as long as run.sh's sentences)")
     q.add_argument("--context_frames", type=int, default=5, help="frames per sequence prompt")
     q.add_argument("--rules", choices=("held_out", "seen"), default="held_out",
                    help="held_out: every recolour and segment prompt needs a rule piece no training pair shows; "
