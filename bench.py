@@ -89,9 +89,10 @@ def bench_train(sizes=("toy", "debug", "100m"), seq=1024, batch=1, repeats=5):
         state.append(optimizer.init(state[0]))
         tokens = np.random.default_rng(0).integers(0, config.vocab, (1, batch, seq + 1)).astype(np.int32)
         inputs, targets = jnp.asarray(tokens[..., :-1]), jnp.asarray(tokens[..., 1:])
+        weights = jnp.ones(targets.shape)
 
         def ours():
-            state[0], state[1], metrics = step(state[0], state[1], inputs, targets)
+            state[0], state[1], metrics = step(state[0], state[1], inputs, targets, weights)
             metrics["loss"].block_until_ready()
 
         hf = hf_model(config)

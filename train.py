@@ -55,9 +55,10 @@ def parse_args(argv=None):
     p.add_argument("--seq_len", type=count, default=4096)
     p.add_argument("--image_tokens", type=count, default=files.IMAGE_TOKENS,
                    help="tokens per image: a line that is not a whole number of images is skipped")
-    p.add_argument("--loss_on", choices=["all", "answers"], default="all",
-                   help="all: every token, as LVM trains; answers: only the images at odd places in a line (the y "
-                        "of each x, y pair; every second frame of a clip)")
+    p.add_argument("--prompt_weight", type=cli.bounded(float, 0.0, 1.0), default=1.0,
+                   help="the loss weight of the images at even places in a line (each x of an x, y pair; every "
+                        "second frame of a clip) against the answers after them: 1 weighs every token alike, as LVM "
+                        "trains; 0 trains on the answers alone")
     p.add_argument("--lr", type=cli.bounded(float, 0.0), default=1.5e-4)
     p.add_argument("--end_lr", type=cli.bounded(float, 0.0), default=3e-5)
     p.add_argument("--warmup", type=cli.bounded(int, 0), default=8000)
@@ -100,13 +101,12 @@ def parse_args(argv=None):
 
 
 BAD_START = 20  # this many malformed lines before any valid one: not a file of visual sentences
-IGNORED = -1  # a target without loss (--loss_on answers)
 
 
 class TokenStream:
-    def __init__(self, path, rows, seq_len, vocab, position=(0, 0), on_bad_line=print, image_tokens=1, answers_only=False):
+    def __init__(self, path, rows, seq_len, vocab, position=(0, 0), on_bad_line=print, image_tokens=1, prompt_weight=1.0):
         self.path, self.rows, self.seq_len, self.vocab, self.image_tokens = path, rows, seq_len, vocab, image_tokens
-        self.answers_only = answers_only
+        self.prompt_weight = prompt_weight
         self.file = open(path, "rb")
         self.pending = []  # [(line offset, tokens)], first one partly used
         self.next_offset, self.skip = position[0], position[1]
@@ -153,22 +153,21 @@ class TokenStream:
         self.pending.append((offset, tokens))
 
     def next_batch(self):
-        """-> (inputs, targets) int32 (rows, seq_len); consumes rows x seq_len tokens. answers_only:
-        targets outside the answers (IGNORED) carry no loss."""
+        """-> (inputs, targets) int32 and the targets' loss weights float32, each (rows, seq_len);
+        consumes rows x seq_len tokens."""
         need = self.rows * self.seq_len + 1
         while sum(len(t) for _, t in self.pending) - self.skip < need:
             self.read_line()
         stream = np.concatenate([t for _, t in self.pending])[self.skip:self.skip + need]
-        targets = stream[1:].copy()
-        if self.answers_only:  # an answer is an image at an odd place in its line: the y of an (x, y) pair
-            place = np.concatenate([np.arange(len(t)) for _, t in self.pending])[self.skip + 1:self.skip + need]
-            targets[place // self.image_tokens % 2 == 0] = IGNORED
+        # an answer is an image at an odd place in its line: the y of an (x, y) pair
+        place = np.concatenate([np.arange(len(t)) for _, t in self.pending])[self.skip + 1:self.skip + need]
+        weights = np.where(place // self.image_tokens % 2 == 1, 1.0, self.prompt_weight).astype(np.float32)
         used = self.skip + need - 1
         while used >= len(self.pending[0][1]):
             used -= len(self.pending.pop(0)[1])
         self.skip = used
         shape = (self.rows, self.seq_len)
-        return stream[:-1].reshape(shape), targets.reshape(shape)
+        return stream[:-1].reshape(shape), stream[1:].reshape(shape), weights.reshape(shape)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,17 +186,16 @@ def make_optimizer(args):
                        optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=args.weight_decay, mask=decay_mask)), schedule
 
 
-def loss_fn(params, inputs, targets, config):
-    """Mean cross-entropy over the targets that are not IGNORED."""
+def loss_fn(params, inputs, targets, weights, config):
+    """Cross-entropy averaged over the targets with their weights (--prompt_weight)."""
     logits = model.forward(params, inputs, config)  # (batch, seq, vocab) float32
-    counted = targets != IGNORED
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(counted, targets, 0))
-    return jnp.sum(losses * counted) / jnp.maximum(counted.sum(), 1)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    return jnp.sum(losses * weights) / jnp.maximum(weights.sum(), 1e-6)
 
 
 def make_train_step(config, optimizer):
-    def train_step(params, opt_state, inputs, targets):
-        """inputs, targets (accum, batch, seq): gradients summed over micro-batches by a scan, so
+    def train_step(params, opt_state, inputs, targets, weights):
+        """inputs, targets, weights (accum, batch, seq): gradients summed over micro-batches by a scan, so
         memory is that of one micro-batch."""
         grad_fn = jax.value_and_grad(loss_fn)
 
@@ -206,7 +204,7 @@ def make_train_step(config, optimizer):
             return jax.tree.map(jnp.add, grads, g), loss
 
         zeros = jax.tree.map(jnp.zeros_like, params)
-        grads, losses = jax.lax.scan(micro_step, zeros, (inputs, targets))
+        grads, losses = jax.lax.scan(micro_step, zeros, (inputs, targets, weights))
         grads = jax.tree.map(lambda g: g / inputs.shape[0], grads)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
@@ -250,7 +248,7 @@ def global_batch(arrays, mesh, rows):
 
 
 # flags that change what a run computes: recorded in every checkpoint, and a resume says which differ
-RECIPE = ("data", "batch_size", "accum", "seq_len", "loss_on", "lr", "end_lr", "warmup", "decay_steps", "weight_decay",
+RECIPE = ("data", "batch_size", "accum", "seq_len", "prompt_weight", "lr", "end_lr", "warmup", "decay_steps", "weight_decay",
           "clip", "dtype", "remat", "seed")
 
 
@@ -415,7 +413,7 @@ def read_eval_batches(args, vocab):
     file is reported before any training, and every evaluation sees the same batches."""
     try:
         stream = TokenStream(args.eval_data, args.batch_size, args.seq_len, vocab, on_bad_line=lambda m: None,
-                             image_tokens=args.image_tokens, answers_only=args.loss_on == "answers")
+                             image_tokens=args.image_tokens, prompt_weight=args.prompt_weight)
         with contextlib.closing(stream):
             return [stream.next_batch() for _ in range(args.eval_batches)]
     except (OSError, ValueError) as e:
@@ -424,9 +422,9 @@ def read_eval_batches(args, vocab):
 
 def evaluate(eval_step, params, batches, mesh, batch_size):
     losses = []
-    for inputs, targets in batches:
-        inputs, targets = global_batch([inputs[None], targets[None]], mesh, batch_size)
-        losses.append(float(eval_step(params, inputs[0], targets[0])))
+    for batch in batches:  # (inputs, targets, weights), each (batch, seq): an accum axis of 1 for global_batch
+        inputs, targets, weights = global_batch([a[None] for a in batch], mesh, batch_size)
+        losses.append(float(eval_step(params, inputs[0], targets[0], weights[0])))
     return float(np.mean(losses))
 
 
@@ -444,10 +442,11 @@ def compile_step(args, config, optimizer, mesh):
     abstract = lambda shapes, sh: jax.tree.map(lambda s, d: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=d), shapes, sh)
     params = abstract(jax.eval_shape(lambda: model.init_params(config, jax.random.key(0))), params_sh)
     opt_state = abstract(jax.eval_shape(optimizer.init, params), opt_sh)
-    batch = jax.ShapeDtypeStruct((args.accum, args.batch_size, args.seq_len), jnp.int32, sharding=batch_sharding(mesh))
+    tokens, weights = (jax.ShapeDtypeStruct((args.accum, args.batch_size, args.seq_len), dtype, sharding=batch_sharding(mesh))
+                       for dtype in (jnp.int32, jnp.float32))
     step = jax.jit(make_train_step(config, optimizer), donate_argnums=(0, 1))
     with jax.set_mesh(mesh):
-        compiled = step.lower(params, opt_state, batch, batch).compile()
+        compiled = step.lower(params, opt_state, tokens, tokens, weights).compile()
     m = compiled.memory_analysis()
     return compiled, m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
 
@@ -573,14 +572,14 @@ def open_data(args, vocab, position):
     before the run folder is made."""
     try:
         stream = TokenStream(args.data, args.accum * args.batch_size, args.seq_len, vocab, position, log,
-                             args.image_tokens, args.loss_on == "answers")
+                             args.image_tokens, args.prompt_weight)
         batch = stream.next_batch()
     except OSError as e:
         raise SystemExit(f"error: {args.data}: {e.strerror}")
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    if (batch[1] == IGNORED).all():  # lines of one image each: --loss_on answers would train on nothing
-        raise SystemExit(f"error: {args.data}: --loss_on answers found no answer (a second image in a line) in the "
+    if not batch[2].any():  # lines of one image each: --prompt_weight 0 would train on nothing
+        raise SystemExit(f"error: {args.data}: --prompt_weight 0 found no answer (a second image in a line) in the "
                          f"first batch")
     return stream, batch
 
@@ -634,16 +633,16 @@ def train(args, run_folder):
     log(f"compiling the train step ({args.size or 'size of --init'}, {config.dtype}, mesh {dict(mesh.shape)}) ...")
     config, train_step, step_bytes = compile_with_remat_choice(args, config, optimizer, mesh)
     log(f"compiled: {step_bytes / 2**30:.2f} GiB per device, remat {'on' if config.remat else 'off'} (--remat {args.remat})")
-    eval_step = jax.jit(lambda p, x, y: loss_fn(p, x, y, config))
+    eval_step = jax.jit(lambda p, x, y, w: loss_fn(p, x, y, w, config))
     tokens_per_step = args.accum * args.batch_size * args.seq_len
     flops_per_step, peak = model.flops_per_token(config, args.seq_len) * tokens_per_step, peak_flops(args)
     bar = tqdm(total=args.steps, initial=step, unit="step", disable=jax.process_index() != 0)
     first_step, (last_step, last_time) = step, (step, time.perf_counter())
     with jax.set_mesh(mesh):
         while step < args.steps:
-            inputs, targets = first_batch if step == first_step else stream.next_batch()
+            host_batch = first_batch if step == first_step else stream.next_batch()  # inputs, targets, weights
             shape = (args.accum, args.batch_size, args.seq_len)
-            batch = global_batch([inputs.reshape(shape), targets.reshape(shape)], mesh, args.batch_size)
+            batch = global_batch([a.reshape(shape) for a in host_batch], mesh, args.batch_size)
             params, opt_state, metrics = train_step(params, opt_state, *batch)
             step += 1
             bar.update(1)

@@ -4,7 +4,7 @@
 # project's own CLI; a stage whose output is complete is skipped, so running it again continues
 # where it stopped.
 #
-#   bash examples/toy/run.sh OUT            # the full run (44 minutes on 2 CPU cores, 2026-12-04)
+#   bash examples/toy/run.sh OUT            # the full run (about 32 minutes on 2 CPU cores, 2026-12-05: README)
 #   bash examples/toy/run.sh OUT --smoke    # tiny sizes, to check the stages fit together
 set -euo pipefail
 if [ $# -lt 1 ] || [ $# -gt 2 ] || { [ $# -eq 2 ] && [ "$2" != --smoke ]; }; then
@@ -23,7 +23,7 @@ declare -A EPOCHS=([shift]=2 [recolour]=3 [segment]=4 [colorize]=1)
 if [ "${2:-}" = --smoke ]; then
   CLIPS=2 PAIRS=6 PER_RULE=3 VQ_STEPS=4 VQ_AE=0 LVM_STEPS=2 PER_TASK=1 BATCH=1
 else
-  CLIPS=200 PAIRS=900 PER_RULE=3 VQ_STEPS=25 VQ_AE=0 LVM_STEPS=3600 PER_TASK=30 BATCH=2
+  CLIPS=200 PAIRS=900 PER_RULE=3 VQ_STEPS=25 VQ_AE=0 LVM_STEPS=5400 PER_TASK=30 BATCH=2
 fi
 # glibc's huge pages for malloc: XLA's per-step temporaries then come without 4 KB page faults (the
 # toy step about 12% faster, the same weights: docs/NOTES.md); glibc reads it at process start
@@ -57,10 +57,13 @@ for task in $TASKS; do PARTS+=("$OUT/tokens/$task.jsonl"); done
 [ -f "$OUT/tokens/dataset.jsonl" ] || python tokenize_data.py mix --output "$OUT/tokens/dataset.jsonl" --input "${PARTS[@]}"
 
 SEQ=1536  # one sentence per row, aligned: every line holds exactly 6 images
+# the loss on the answers alone (each x is a random scene no rule predicts): the answers' look-ups
+# into the examples form sooner than with every token alike (docs/NOTES.md, 2026-12-05)
+PROMPT_WEIGHT=0
 stage "4/7 train the LVM ($LVM_STEPS steps of $BATCH x $SEQ tokens)"
 [ -d "$OUT/lvm/step_$(printf %08d $LVM_STEPS)" ] || python train.py --size toy --data "$OUT/tokens/dataset.jsonl" \
   --out "$OUT/lvm" --steps $LVM_STEPS --batch_size $BATCH --accum 1 --seq_len $SEQ --lr 1e-3 --end_lr 1e-4 \
-  --warmup $((LVM_STEPS / 10)) --decay_steps $LVM_STEPS --dtype bfloat16 --log_every 10 \
+  --warmup $((LVM_STEPS / 10)) --decay_steps $LVM_STEPS --dtype bfloat16 --prompt_weight $PROMPT_WEIGHT --log_every 10 \
   --save_every $(( LVM_STEPS >= 12 ? LVM_STEPS / 12 : 1 )) --keep 12 --mesh 1,1,1
 
 RULES=(held_out seen)

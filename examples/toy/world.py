@@ -226,8 +226,11 @@ def only_pieces(task, pieces):
 def rule_group(task, rule, rng, pairs):
     """`pairs` pairs under one rule that all show the same rule pieces (the first pair's colours or
     kinds), so that in any sentence drawn from them the examples show every piece the query needs
-    (docs/NOTES.md, 2026-12-04)."""
+    (docs/NOTES.md, 2026-12-04). A segment group shows at least two kinds: with one kind alone, painting
+    every object in the examples' colour would be right, and the kind -> colour binding goes untaught."""
     group = [task_pair(task, rule, rng)]
+    while task == "segment" and len(pieces_shown(task, group[0][2])) < 2:
+        group = [task_pair(task, rule, rng)]
     pieces = pieces_shown(task, group[0][2])
     while len(group) < pairs:
         pair = task_pair(task, rule, rng, **only_pieces(task, pieces))
