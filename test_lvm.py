@@ -1769,12 +1769,17 @@ def test_bench_without_the_test_requirements_says_what_to_install():
 # examples/toy: the toy world, its VQGAN trainer and run.sh
 
 
-def test_shift_moves_every_pixel_by_the_rules_displacement_wrapping_around():
+def test_shift_moves_every_pixel_by_the_rules_displacement_and_blacks_the_uncovered_side():
     for rule, (dx, dy) in world.DISPLACEMENTS.items():
         x, y, _ = world.task_pair("shift", rule, np.random.default_rng(0))
-        assert not np.array_equal(x, y)
-        for row, column in [(0, 0), (5, 250), (15, 16), (100, 100), (255, 255)]:
-            np.testing.assert_array_equal(y[(row + 16 * dy) % 256, (column + 16 * dx) % 256], x[row, column])
+        for row in range(256):
+            for column in range(0, 256, 5):
+                source = row - 16 * dy, column - 16 * dx
+                if 0 <= source[0] < 256 and 0 <= source[1] < 256:
+                    np.testing.assert_array_equal(y[row, column], x[source])
+                else:
+                    np.testing.assert_array_equal(y[row, column], 0)
+        assert (y.sum(-1) == 0).sum() == 16 * 256 and not (x.sum(-1) == 0).any()
 
 
 def test_colorize_queries_hold_gray_objects_each_colour_with_its_own_gray_level():

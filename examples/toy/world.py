@@ -12,7 +12,7 @@ DIR/TASK/y/RULE/NAME.png, one subfolder per rule (colorize, whose rule is fixed:
 whose pairs all show the same colours (recolour) or shape kinds (segment), so that any pair of the
 folder shows every rule piece that another needs.
 The in-context tasks take the same kind of query, a scene, and their rules are drawn per rule folder:
-  shift     every pixel moves one token right, left, down or up (wrapping around);
+  shift     every pixel moves one token right, left, down or up, the uncovered row or column black;
   recolour  the object colours go through a permutation of the six colours;
   segment   each object's silhouette is painted in a colour chosen per shape kind from five.
 No training pair uses a held-out rule piece (HELD_OUT: blue -> red, square -> white); prompts with
@@ -208,9 +208,11 @@ def task_pair(task, rule, rng, colours=range(len(COLOURS)), kinds=range(len(SHAP
     """(query x, answer y, scene) of one analogy task under a rule, on a fresh random scene."""
     scene = random_scene(rng, colours, kinds)
     image = render(scene)
-    if task == "shift":  # the whole image moves; what leaves one side comes back on the other
+    if task == "shift":  # the whole image moves; what leaves one side is gone, the side it uncovers black
         dx, dy = DISPLACEMENTS[rule]
-        return image, np.roll(image, (GRID * dy, GRID * dx), axis=(0, 1)), scene
+        framed = np.pad(image, ((GRID, GRID), (GRID, GRID), (0, 0)))
+        top, left = GRID * (1 - dy), GRID * (1 - dx)
+        return image, framed[top:top + SIZE, left:left + SIZE], scene
     if task == "recolour":
         return image, render(scene, COLOURS[list(rule)]), scene
     if task == "segment":
