@@ -4,7 +4,7 @@
 # project's own CLI; a stage whose output is complete is skipped, so running it again continues
 # where it stopped.
 #
-#   bash examples/toy/run.sh OUT            # the full run (about 32 minutes on 2 CPU cores, 2026-12-05: README)
+#   bash examples/toy/run.sh OUT            # the full run (about 30 minutes on 2 CPU cores, 2026-12-05: README)
 #   bash examples/toy/run.sh OUT --smoke    # tiny sizes, to check the stages fit together
 set -euo pipefail
 if [ $# -lt 1 ] || [ $# -gt 2 ] || { [ $# -eq 2 ] && [ "$2" != --smoke ]; }; then
