@@ -1841,6 +1841,12 @@ def test_world_is_reproducible_with_a_seed(tmp_path):
     assert sorted(os.listdir(tmp_path / "a" / "colorize" / "x")) == [f"{k:05d}.png" for k in range(4)]
 
 
+def test_shift_training_groups_take_the_directions_in_turn(tmp_path):
+    world.main(["render", "--out", str(tmp_path), "--clips", "1", "--pairs", "30", "--pairs_per_rule", "3"])
+    directions = [folder.split("-")[1] for folder in sorted(os.listdir(tmp_path / "shift" / "x"))]
+    assert len(directions) == 10 and [directions.count(d) for d in world.DISPLACEMENTS] == [3, 3, 2, 2]
+
+
 def object_colours(image):
     """The object colour ids present in an image: cells of exactly one of world.COLOURS."""
     return {c for c, colour in enumerate(world.COLOURS) if np.all(image == colour, -1).any()}

@@ -11,7 +11,8 @@ bouncing off the borders) and analogy pairs matched by file stem, DIR/TASK/x/RUL
 DIR/TASK/y/RULE/NAME.png, one subfolder per rule (colorize, whose rule is fixed: DIR/colorize/x/),
 whose pairs all show the same colours (recolour) or shape kinds (segment), so that any pair of the
 folder shows every rule piece that another needs.
-The in-context tasks take the same kind of query, a scene, and their rules are drawn per rule folder:
+The in-context tasks take the same kind of query, a scene, and their rules are drawn per rule folder
+(shift's four directions in turn, so that each has a quarter of the folders):
   shift     every pixel moves one token right, left, down or up, the uncovered row or column black;
   recolour  the object colours go through a permutation of the six colours;
   segment   each object's silhouette is painted in a colour chosen per shape kind from five.
@@ -301,9 +302,10 @@ def render_data(args):
             save(os.path.join(args.out, "clips", f"clip_{c:05d}", f"frame_{f:02d}.png"), image)
     for t, task in enumerate(TASKS):
         rng = np.random.default_rng([args.seed, 1 + t])
-        for start in range(0, args.pairs, args.pairs_per_rule):
-            rule = draw_rule(task, rng)
-            folder = "" if rule is None else f"{start // args.pairs_per_rule:04d}-{rule_folder(task, rule)}"
+        for group, start in enumerate(range(0, args.pairs, args.pairs_per_rule)):
+            # shift's directions in turn: drawn freely, the rarest (up) was the one a run had not learnt
+            rule = list(DISPLACEMENTS)[group % len(DISPLACEMENTS)] if task == "shift" else draw_rule(task, rng)
+            folder = "" if rule is None else f"{group:04d}-{rule_folder(task, rule)}"
             pairs = rule_group(task, rule, rng, min(args.pairs_per_rule, args.pairs - start))
             for k, (x, y, _) in enumerate(pairs, start):
                 save(os.path.join(args.out, task, "x", folder, f"{k:05d}.png"), x)
