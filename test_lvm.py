@@ -1843,8 +1843,18 @@ def test_world_is_reproducible_with_a_seed(tmp_path):
 
 def test_shift_training_groups_take_the_directions_in_turn(tmp_path):
     world.main(["render", "--out", str(tmp_path), "--clips", "1", "--pairs", "30", "--pairs_per_rule", "3"])
-    directions = [folder.split("-")[1] for folder in sorted(os.listdir(tmp_path / "shift" / "x"))]
+    folders = sorted(os.listdir(tmp_path / "shift" / "x"))
+    directions = [folder.split("-")[1] for folder in folders]
     assert len(directions) == 10 and [directions.count(d) for d in world.DISPLACEMENTS] == [3, 3, 2, 2]
+    for folder, direction in zip(folders, directions):  # the pixels move the way the folder says
+        dx, dy = world.DISPLACEMENTS[direction]
+        uncovered = np.zeros((256, 256), bool)
+        uncovered[(slice(0, 16) if dy > 0 else slice(240, 256)) if dy else slice(None),
+                  (slice(0, 16) if dx > 0 else slice(240, 256)) if dx else slice(None)] = True
+        for name in os.listdir(tmp_path / "shift" / "x" / folder):
+            x, y = (world.load(tmp_path / "shift" / side / folder / name) for side in "xy")
+            np.testing.assert_array_equal(y[~uncovered], np.roll(x, (16 * dy, 16 * dx), axis=(0, 1))[~uncovered])
+            assert not y[uncovered].any()
 
 
 def object_colours(image):
