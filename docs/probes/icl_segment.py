@@ -27,7 +27,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 import model  # noqa: E402
@@ -129,23 +128,11 @@ def main():
     config = model.Config(args.dim, args.hidden, args.layers, args.heads, vocab=356, dtype="bfloat16",
                           max_seq=args.pairs * 2 * tokens)
     target = np.arange(args.pairs * 2 * tokens - 1) + 1  # the token each position predicts
-    weights = target // tokens % 2 == 1  # the loss on the y images, as run.sh's --prompt_weight 0
-    weights = jnp.asarray(weights / weights.mean(), jnp.float32)
-
-    def loss_fn(params, inputs, targets):
-        logits = model.forward(params, inputs, config)
-        return (optax.softmax_cross_entropy_with_integer_labels(logits, targets) * weights).mean()
-
+    weights = jnp.asarray(target // tokens % 2 == 1, jnp.float32)  # the y images alone, as run.sh's --prompt_weight 0
     recipe = argparse.Namespace(lr=args.lr, end_lr=args.lr / 10, warmup=args.steps // 10, decay_steps=args.steps,
                                 weight_decay=0.1, clip=1.0)
     optimizer, _ = train.make_optimizer(recipe)
-
-    @jax.jit
-    def step(params, opt_state, inputs, targets):
-        loss, grads = jax.value_and_grad(loss_fn)(params, inputs, targets)
-        updates, opt_state = optimizer.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
+    step = jax.jit(train.make_train_step(config, optimizer))  # (accum, batch, seq) inputs: one micro-batch
     predict = jax.jit(lambda p, t: jnp.argmax(model.forward(p, t[:, :-1], config), -1)[:, -tokens:])
     params = model.init_params(config, jax.random.key(args.seed))
     opt_state = optimizer.init(params)
@@ -160,9 +147,10 @@ def main():
 
     rng, start, losses = np.random.default_rng(args.seed), time.time(), []
     for i in range(1, args.steps + 1):
-        sentences = jnp.asarray(batch(rng, args, args.batch, training=True)[0])
-        params, opt_state, loss = step(params, opt_state, sentences[:, :-1], sentences[:, 1:])
-        losses.append(float(loss))
+        sentences = jnp.asarray(batch(rng, args, args.batch, training=True)[0])[None]
+        params, opt_state, metrics = step(params, opt_state, sentences[..., :-1], sentences[..., 1:],
+                                          jnp.broadcast_to(weights, sentences[..., 1:].shape))
+        losses.append(float(metrics["loss"]))
         if i % args.eval_every == 0 or i == args.steps:
             print(json.dumps({"step": i, "loss": round(float(np.mean(losses[-50:])), 3),
                               "minutes": round((time.time() - start) / 60, 1),
