@@ -1815,6 +1815,27 @@ def test_segmentation_colours_each_silhouette_by_its_kind_under_the_rule():
     np.testing.assert_array_equal(square, world.COLOURS[np.arange(16).reshape(4, 4) % 6])
 
 
+def test_segment_scenes_show_every_object_whole_and_apart():
+    """Read from the pixels: the object cells of a segment query fall into as many 4-connected
+    groups as the scene has objects, so no object hides or touches another."""
+    rng = np.random.default_rng(8)
+    rule = world.draw_rule("segment", rng)
+    for _ in range(30):
+        x, _, scene = world.task_pair("segment", rule, rng)
+        cells = x[::16, ::16]  # (16, 16, 3): every cell is flat
+        unvisited = {tuple(c) for c in np.argwhere(np.any(np.all(cells[:, :, None] == world.COLOURS, -1), -1))}
+        groups = 0
+        while unvisited:
+            groups, stack = groups + 1, [unvisited.pop()]
+            while stack:
+                r, c = stack.pop()
+                for neighbour in ((r + 1, c), (r - 1, c), (r, c + 1), (r, c - 1)):
+                    if neighbour in unvisited:
+                        unvisited.remove(neighbour)
+                        stack.append(neighbour)
+        assert groups == len(scene["objects"])
+
+
 def test_objects_move_at_constant_velocity_and_bounce_off_the_borders():
     rng = np.random.default_rng(3)
     for _ in range(20):

@@ -45,6 +45,7 @@ def parse_args():
     p.add_argument("--sides", default="3,4", help="object widths in cells, lowest,highest")
     p.add_argument("--objects", default="1,3", help="objects per image, lowest,highest")
     p.add_argument("--mosaic", type=float, default=0.5, help="share of mosaic objects")
+    p.add_argument("--apart", action="store_true", help="objects neither overlap nor touch (a cell between boxes)")
     p.add_argument("--kinds", choices=("shape", "marker", "edges", "bars"), default="shape")
     p.add_argument("--aux", type=float, default=0.0, help="share of fixed-map training sentences")
     p.add_argument("--dim", type=int, default=192)
@@ -72,9 +73,16 @@ def scene(rng, args, kinds):
     grid, (low, high), (fewest, most) = args.grid, map(int, args.sides.split(",")), map(int, args.objects.split(","))
     palette = rng.choice(COLOURS, 3, replace=False)
     image, kind, owner = rng.integers(TILES, size=(grid, grid)), np.full((grid, grid), -1), np.full((grid, grid), -1)
+    taken = np.zeros((grid + 2, grid + 2), bool)  # boxes placed so far, padded by a cell on each side
     for number in range(rng.integers(fewest, most + 1)):
         side, k = int(rng.integers(low, high + 1)), int(rng.choice(kinds))
-        top, left = rng.integers(0, grid - side + 1, 2)
+        for _ in range(100):
+            top, left = rng.integers(0, grid - side + 1, 2)
+            if not (args.apart and taken[top:top + side + 2, left:left + side + 2].any()):
+                break
+        else:
+            continue
+        taken[top + 1:top + side + 1, left + 1:left + side + 1] = True
         texture = rng.choice(palette, (side, side)) if rng.random() < args.mosaic else np.full((side, side), rng.choice(palette))
         inside = silhouette(k, side, args.kinds)
         cells = (slice(top, top + side), slice(left, left + side))

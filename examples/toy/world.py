@@ -15,7 +15,8 @@ The in-context tasks take the same kind of query, a scene, and their rules are d
 (shift's four directions in turn, so that each has a quarter of the folders):
   shift     every pixel moves one token right, left, down or up, the uncovered row or column black;
   recolour  the object colours go through a permutation of the six colours;
-  segment   each object's silhouette is painted in a colour chosen per shape kind from five.
+  segment   each object's silhouette is painted in a colour chosen per shape kind from five (the
+            objects of its scenes stand apart, so that every silhouette, and so its kind, shows whole).
 No training pair uses a held-out rule piece (HELD_OUT: blue -> red, square -> white); prompts with
 --rules held_out each need one, so answering them means reading the rule from the prompt's examples.
 prompts writes prompts with their true answers, the same queries with another rule's examples
@@ -58,18 +59,23 @@ SPEED = 16  # px per frame, left or right: copying the last frame is clearly wro
 # colours (a mosaic shows many colours of the rule at once, each a cell the answer must map).
 
 
-def random_scene(rng, colours=range(len(COLOURS)), kinds=range(len(SHAPES))):
+def random_scene(rng, colours=range(len(COLOURS)), kinds=range(len(SHAPES)), apart=False):
     """Tiles (16, 16) and 1-3 objects {shape, size, centre, velocity, texture}, using only the given
     object colours and shape kinds. Sizes, corners and velocities are whole tokens; objects are 3-4
     tokens wide, so that the kinds differ in whole tokens and a sequence prompt has shown the tiles
-    an object uncovers next."""
+    an object uncovers next. With apart, a tile or more separates the objects' boxes: no object
+    hides or touches another, so each one's whole silhouette, and so its kind, shows."""
     palette = rng.choice(list(colours), min(3, len(colours)), replace=False)  # the image's object colours
     background = rng.integers(len(TILES), size=(CELLS, CELLS))
-    objects = []
+    objects, taken = [], np.zeros((CELLS + 2, CELLS + 2), bool)  # (row, column): boxes so far, a cell of margin
     for _ in range(rng.integers(1, 4)):
         cells = int(rng.integers(3, 5))
         texture = rng.choice(palette, (cells, cells)) if rng.random() < 0.5 else np.full((cells, cells), rng.choice(palette))
-        corner = GRID * rng.integers(0, CELLS - cells + 1, 2)
+        left, top = rng.integers(0, CELLS - cells + 1, 2)
+        while apart and taken[top:top + cells + 2, left:left + cells + 2].any():
+            left, top = rng.integers(0, CELLS - cells + 1, 2)
+        taken[top + 1:top + cells + 1, left + 1:left + cells + 1] = True
+        corner = GRID * np.array([left, top])
         objects.append({"shape": int(rng.choice(list(kinds))), "size": GRID * cells, "centre": corner + GRID * cells / 2,
                         "velocity": np.array([SPEED * rng.choice([-1, 1]), 0.0]), "texture": texture})
     return {"background": background, "objects": objects}
@@ -207,7 +213,7 @@ def pieces_shown(task, scene):
 
 def task_pair(task, rule, rng, colours=range(len(COLOURS)), kinds=range(len(SHAPES))):
     """(query x, answer y, scene) of one analogy task under a rule, on a fresh random scene."""
-    scene = random_scene(rng, colours, kinds)
+    scene = random_scene(rng, colours, kinds, apart=task == "segment")
     image = render(scene)
     if task == "shift":  # the whole image moves; what leaves one side is gone, the side it uncovers black
         dx, dy = DISPLACEMENTS[rule]
